@@ -1,0 +1,203 @@
+"""Loading a model: a local folder, a hub id, a .gguf file, or nothing (the demo model)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from .demo import BAYLING_HINT, DEMO_NAME, converted_gguf_folder, demo_gguf_path
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message is one line a user can act on."""
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The model flags every script shares."""
+
+    model_path: Optional[str] = None  # None = the embedded demo model
+    device: str = "auto"
+    dtype: str = "auto"
+    load_8bit: bool = False
+    load_4bit: bool = False
+    gpus: Optional[str] = None
+    num_gpus: int = 1
+    max_gpu_memory: Optional[str] = None
+    cpu_offloading: bool = False
+    revision: str = "main"
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name: str  # what templates and the worker call the model
+    path: str  # where its files came from
+    device: Any
+    context_len: int
+    is_demo: bool = False
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Add the shared model flags to a script's parser."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model-path", default=None,
+                   help="local folder, hub id or .gguf file (default: the embedded demo model)")
+    g.add_argument("--revision", default="main", help="hub revision")
+    g.add_argument("--device", choices=DEVICES, default="auto", help="auto = cuda when available")
+    g.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="auto = float16 on GPUs, float32 on the CPU")
+    g.add_argument("--load-8bit", action="store_true", help="bitsandbytes LLM.int8 (CUDA and CPU)")
+    g.add_argument("--load-4bit", action="store_true", help="bitsandbytes NF4 (a 13B model in well under 16 GB)")
+    g.add_argument("--gpus", default=None, help="visible GPUs, e.g. '0,1'")
+    g.add_argument("--num-gpus", type=int, default=1, help="split the model over this many GPUs")
+    g.add_argument("--max-gpu-memory", default=None, help="per-GPU cap with --num-gpus, e.g. '13GiB'")
+    g.add_argument("--cpu-offloading", action="store_true",
+                   help="with --load-8bit: put what does not fit on the GPU on the CPU")
+
+
+def model_args_from(ns: argparse.Namespace) -> ModelArgs:
+    """Pick the ModelArgs fields out of a parsed namespace."""
+    return ModelArgs(**{f.name: getattr(ns, f.name) for f in fields(ModelArgs) if hasattr(ns, f.name)})
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.float16
+    return getattr(torch, dtype)
+
+
+def _looks_like_path(path: str) -> bool:
+    # A hub id is "name" or "owner/name"; anything else the user meant as a file or folder.
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith(".gguf") or os.sep == "\\"
+
+
+def locate(model_path: Optional[str], revision: str = "main") -> tuple[Path, Optional[str], str, bool]:
+    """Turn --model-path into (folder, gguf file name or None, model name, is_demo)."""
+    if model_path is None:
+        gguf = demo_gguf_path()
+        print(f"Using the demo model {DEMO_NAME} (CPU-friendly, 135M parameters); {BAYLING_HINT}.",
+              file=sys.stderr)
+        return converted_gguf_folder(gguf), None, DEMO_NAME, True
+    path = Path(model_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return converted_gguf_folder(path.resolve()), None, path.stem, False
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{model_path} is not a Hugging Face model folder (no config.json in it)")
+        return path, None, path.resolve().name, False
+    if path.exists():
+        raise ModelLoadError(f"{model_path} is a file but not a .gguf model; pass a model folder or a .gguf file")
+    if _looks_like_path(model_path):
+        raise ModelLoadError(f"model path {model_path} does not exist")
+    return _from_hub(model_path, revision), None, model_path.rsplit("/", 1)[-1], False
+
+
+def _from_hub(repo_id: str, revision: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True", "ON", "YES"):
+        raise ModelLoadError(f"{repo_id} is not in the local hub cache and HF_HUB_OFFLINE is set; "
+                             "download it elsewhere and pass --model-path /path/to/local/folder")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
+                                                      "*.bin", "*.tiktoken"]))
+    except Exception as e:  # network down, unknown repo, gated repo: one line, then the fix
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"could not fetch {repo_id} from the Hugging Face hub ({first[:160]}); "
+                             "check the name and your network, or pass --model-path /path/to/local/folder") from None
+
+
+def _check_causal_lm(folder: Path, model_path: str) -> Any:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as e:
+        raise ModelLoadError(f"{model_path}: cannot read its config.json ({str(e).splitlines()[0][:160]})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelLoadError(f"{model_path} is a '{config.model_type}' model, not a causal language model")
+    return config
+
+
+def quantization_config(args: ModelArgs, compute_dtype: Any) -> Any:
+    """The bitsandbytes config for --load-8bit / --load-4bit, or None."""
+    if not (args.load_8bit or args.load_4bit):
+        return None
+    if args.load_8bit and args.load_4bit:
+        raise ModelLoadError("choose one of --load-8bit and --load-4bit")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except Exception as e:
+        raise ModelLoadError(f"--load-8bit/--load-4bit need bitsandbytes ({e}); pip install bitsandbytes") from None
+    if args.load_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=args.cpu_offloading)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_model(args: ModelArgs) -> LoadedModel:
+    """Load model and tokenizer as the flags ask; every failure is a one-line ModelLoadError."""
+    if args.gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus  # before CUDA starts: torch initialises it lazily
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    folder, gguf_file, name, is_demo = locate(args.model_path, args.revision)
+    config = _check_causal_lm(folder, args.model_path or name)
+    quant = quantization_config(args, dtype if device != "cpu" else torch.bfloat16)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if device == "cuda" and (args.num_gpus > 1 or args.cpu_offloading):
+        kwargs["device_map"] = "auto"
+        if args.max_gpu_memory:
+            kwargs["max_memory"] = {i: args.max_gpu_memory for i in range(args.num_gpus)}
+    elif quant is not None:
+        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"could not load {args.model_path or name}: {msg[:200]}") from None
+    if "device_map" not in kwargs:
+        model.to(device)
+    model.eval()
+    ctx = getattr(config, "max_position_embeddings", None) or 2048
+    return LoadedModel(model, tokenizer, name, str(folder), torch.device(device if device != "cuda" else "cuda:0"),
+                       int(ctx), is_demo)

@@ -1,0 +1,75 @@
+"""Tiny models and tokenizers built in the test session: no downloads, seconds on a CPU."""
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS = [
+    "Hello, how are you? I am fine, thank you.",
+    "The capital of France is Paris. Translate this sentence into Chinese.",
+    "I am an intelligent language assistant developed by the NLP Group of ICT/CAS.",
+    "### Instruction:\n### Response:\n</s>",
+    "你好，我是百聆，一个由中国科学院计算技术研究所开发的语言助手。",
+    "今天天气很好，我们去公园散步吧。机器翻译是自然语言处理的重要任务。",
+    "Emoji test: 😀 🚀 🐱 ❤️ 👍🏽 and café naïve résumé.",
+    "[NAME] was created by [INSTITUTE] in [CREATE_TIME]. [名字] [机构] [开发时间]",
+    "def add(a, b):\n    return a + b\n",
+] * 4
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_bpe_tokenizer(vocab_size: int = 600):
+    """A byte-level BPE tokenizer (as Llama 3 / SmolLM2 use), trained on CORPUS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_spm_tokenizer(folder: Path, vocab_size: int = 300):
+    """A LLaMA-style SentencePiece tokenizer (BPE with byte fallback), trained on CORPUS."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = folder / "corpus.txt"
+    text.write_text("\n".join(CORPUS), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2, hard_vocab_limit=False)
+    return LlamaTokenizer(vocab_file=str(folder / "tokenizer.model"))
+
+
+def build_tiny_llama(folder: Path, tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2,
+                     max_positions: int = 256, dtype=None) -> Path:
+    """A random LlamaForCausalLM saved with its tokenizer as an ordinary HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
