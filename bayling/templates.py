@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+if TYPE_CHECKING:
+    from .params import GenerationParams
 
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 
@@ -150,3 +153,18 @@ class Conversation:
         for m in data["messages"]:
             conv.add(m["role"], m["content"])
         return conv
+
+
+def params_for_template(params: "GenerationParams", template: Template, tokenizer: Any) -> "GenerationParams":
+    """Add a template's stop strings, stop tokens and de-anonymisation to request params."""
+    from dataclasses import replace
+
+    ids = []
+    for token in template.stop_tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token) if tokenizer is not None else None
+        if isinstance(token_id, int) and token_id != getattr(tokenizer, "unk_token_id", None):
+            ids.append(token_id)
+    return replace(params,
+                   stop=tuple(dict.fromkeys(params.stop + template.stop)),
+                   stop_token_ids=tuple(dict.fromkeys(params.stop_token_ids + tuple(ids))),
+                   deanonymize=params.deanonymize or template.deanonymize)
