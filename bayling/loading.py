@@ -170,12 +170,13 @@ def load_model(args: ModelArgs) -> LoadedModel:
     """Load model and tokenizer as the flags ask; every failure is a one-line ModelLoadError."""
     if args.gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus  # before CUDA starts: torch initialises it lazily
+    # Find the files first: a wrong path fails at once, before torch is even imported.
+    folder, gguf_file, name, is_demo = locate(args.model_path, args.revision)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    folder, gguf_file, name, is_demo = locate(args.model_path, args.revision)
     config = _check_causal_lm(folder, args.model_path or name)
     quant = quantization_config(args, dtype if device != "cpu" else torch.bfloat16)
     kwargs: dict[str, Any] = {"dtype": dtype}

@@ -1,0 +1,58 @@
+"""Flags shared by the scripts, and turning them into values; errors print one line, not a traceback."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn
+
+from .loading import ModelLoadError, add_model_args
+from .params import GenerationParams
+from .templates import get_template
+
+
+def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
+    """Sampling flags; both spellings of repetition penalty, as upstream BayLing accepts."""
+    g = parser.add_argument_group("generation")
+    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    g.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=1.0)
+    g.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=0, help="0 = off")
+    g.add_argument("--repetition-penalty", "--repetition_penalty", dest="repetition_penalty", type=float,
+                   default=1.0)
+    g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int,
+                   default=max_new_tokens)
+    g.add_argument("--conv-template", default=None,
+                   help="BayLing, BayLing-3 or tokenizer (default: chosen from the model name)")
+    g.add_argument("--system", default=None, help="system prompt (default: the template's)")
+
+
+def params_from(ns: argparse.Namespace) -> GenerationParams:
+    """GenerationParams from parsed flags (validated here, once, with --conv-template)."""
+    if getattr(ns, "conv_template", None):
+        get_template(ns.conv_template)  # an unknown name fails before a model is loaded
+    return GenerationParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
+                            repetition_penalty=ns.repetition_penalty, max_new_tokens=ns.max_new_tokens)
+
+
+def build_parser(description: str, max_new_tokens: int = 512) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(parser)
+    add_generation_args(parser, max_new_tokens)
+    return parser
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run a script's main; user errors become one 'error: ...' line and exit status 2."""
+    try:
+        code = main()
+    except (ModelLoadError, ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        code = 130
+    raise SystemExit(code or 0)
