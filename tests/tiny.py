@@ -39,8 +39,12 @@ def build_bpe_tokenizer(vocab_size: int = 600):
     return fast
 
 
-def build_spm_tokenizer(folder: Path, vocab_size: int = 300):
-    """A LLaMA-style SentencePiece tokenizer (BPE with byte fallback), trained on CORPUS."""
+def build_spm_tokenizer(folder: Path, vocab_size: int = 700):
+    """A LLaMA-style tokenizer: SentencePiece BPE with byte fallback, trained on CORPUS.
+
+    transformers 5's LlamaTokenizer takes a vocab and merges; they are read off the trained
+    SentencePiece model (merges ranked by the merged piece's id, as SentencePiece ranks them).
+    """
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
@@ -49,9 +53,14 @@ def build_spm_tokenizer(folder: Path, vocab_size: int = 300):
     text.write_text("\n".join(CORPUS), encoding="utf-8")
     spm.SentencePieceTrainer.train(
         input=str(text), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        byte_fallback=True, character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         minloglevel=2, hard_vocab_limit=False)
-    return LlamaTokenizer(vocab_file=str(folder / "tokenizer.model"))
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = sorted((vocab[p], vocab[p[:k]], vocab[p[k:]]) for p in vocab for k in range(1, len(p))
+                    if p[:k] in vocab and p[k:] in vocab and not sp.is_byte(vocab[p]))
+    pieces = {i: p for p, i in vocab.items()}
+    return LlamaTokenizer(vocab=vocab, merges=[(pieces[a], pieces[b]) for _, a, b in merges])
 
 
 def build_tiny_llama(folder: Path, tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2,
