@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Optional, TextIO
 
 from ..output import StreamChunk
 
 USER_LABEL, ASSISTANT_LABEL = "USER", "ASSISTANT"
+RICH_REDRAW_S = 1 / 15  # re-rendering Markdown costs O(text): cap the frame rate
 
 
 class ChatIO:
@@ -95,28 +97,36 @@ class RichChatIO(ChatIO):
         from rich.live import Live
 
         self.console.print(f"[bold]{ASSISTANT_LABEL}[/bold]:")
-        self._live = Live(console=self.console, refresh_per_second=8, vertical_overflow="visible")
+        # No refresh thread: a Ctrl-C landing mid-refresh would leave a half-drawn frame behind.
+        self._live = Live(console=self.console, auto_refresh=False, vertical_overflow="visible")
         self._live.start()
+        self._last_draw = 0.0
 
     def show(self, chunk: StreamChunk) -> None:
         from rich.markdown import Markdown
 
+        now = time.monotonic()
+        if now - self._last_draw < RICH_REDRAW_S:
+            return
+        self._last_draw = now
         # Markdown needs the whole text: a list or code block changes how earlier lines render.
-        self._live.update(Markdown(chunk.text))
+        self._live.update(Markdown(chunk.text), refresh=True)
 
     def end_answer(self, last: Optional[StreamChunk], interrupted: bool) -> None:
         if self._live is not None:
             if last is not None:
                 from rich.markdown import Markdown
 
-                self._live.update(Markdown(last.text))
+                self._live.update(Markdown(last.text), refresh=True)
             self._live.stop()
             self._live = None
         if interrupted:
-            self.console.print("[dim][stopped][/dim]")
+            self.console.print("[dim]\\[stopped][/dim]")
 
     def info(self, text: str) -> None:
-        self.console.print(f"[dim]{text}[/dim]", highlight=False)
+        from rich.markup import escape
+
+        self.console.print(f"[dim]{escape(text)}[/dim]", highlight=False)
 
 
 class ProgrammaticChatIO(ChatIO):
