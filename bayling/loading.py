@@ -144,8 +144,11 @@ def _check_causal_lm(folder: Path, model_path: str) -> Any:
         config = AutoConfig.from_pretrained(folder)
     except Exception as e:
         raise ModelLoadError(f"{model_path}: cannot read its config.json ({str(e).splitlines()[0][:160]})") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ModelLoadError(f"{model_path} is a '{config.model_type}' model, not a causal language model")
+    architectures = getattr(config, "architectures", None) or []
+    causal_arch = any("CausalLM" in a or "LMHeadModel" in a for a in architectures)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (architectures and not causal_arch):
+        what = architectures[0] if architectures else config.model_type
+        raise ModelLoadError(f"{model_path} is a '{what}' model, not a causal language model")
     return config
 
 
