@@ -1,0 +1,34 @@
+"""`python -m bayling.serve`: controller, model worker and web page (and an OpenAI API) in one command."""
+import argparse
+import sys
+from pathlib import Path
+
+from .launch import HOST, StackPlan, run_stack
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bayling.serve",
+        description="Start FastChat's controller, our model worker and the web page on loopback; Ctrl-C stops all.",
+        epilog="Every other flag goes to the model worker, e.g. --model-path ICTNLP/bayling-13b-v1.1 "
+               "--device cuda --conv-template BayLing --limit-worker-concurrency 16 (see model_worker.py -h). "
+               "Without --model-path the worker serves the embedded demo model on the CPU.")
+    parser.add_argument("--host", default=HOST, help="address every part listens on (default loopback only)")
+    parser.add_argument("--controller-port", type=int, default=21001)
+    parser.add_argument("--worker-port", type=int, default=21002)
+    parser.add_argument("--web-port", type=int, default=7860)
+    parser.add_argument("--no-web", action="store_true", help="do not start the web page")
+    parser.add_argument("--openai-api", nargs="?", const="fastchat", choices=("fastchat", "bayling"), default=None,
+                        help="also start an OpenAI-compatible API: FastChat's server (default) or ours "
+                             "(bayling: also streams)")
+    parser.add_argument("--openai-port", type=int, default=8000)
+    parser.add_argument("--log-dir", type=Path, default=Path("logs"), help="where each process logs")
+    args, worker_args = parser.parse_known_args(argv)
+    plan = StackPlan(host=args.host, controller_port=args.controller_port, worker_port=args.worker_port,
+                     web_port=args.web_port, openai_port=args.openai_port, openai_api=args.openai_api,
+                     worker_args=worker_args, log_dir=args.log_dir, web=not args.no_web)
+    return run_stack(plan)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Starting, health-checking and stopping the serving processes (used by `python -m bayling.serve` and tests).
+
+Each child runs in its own session (process group), so a Ctrl-C in the terminal reaches only the
+launcher, which then stops the children in reverse start order: SIGINT, then SIGKILL to the whole
+group after a grace period (FastChat's controller never exits on its own: its heart-beat thread is
+not a daemon).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+STOP_GRACE_S = 5.0
+POLL_S = 0.2
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = HOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_http(url: str, timeout: float = 60.0, method: str = "GET", proc: Optional[subprocess.Popen] = None) -> None:
+    """Wait until url gives any HTTP reply below 500 (the server is up).
+
+    Raises RuntimeError at once if proc exits first, TimeoutError after timeout seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"it exited with code {proc.returncode} before {url} answered")
+        try:
+            req = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method)
+            with urllib.request.urlopen(req, timeout=2):
+                return
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                return
+        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+        time.sleep(POLL_S)
+
+
+@dataclass
+class Service:
+    """A started child process: its URL, its log file, and how to stop it."""
+
+    name: str
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+    stop_grace: float = STOP_GRACE_S
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, grace: Optional[float] = None) -> None:
+        """SIGINT the process group, then SIGKILL whatever is left after `grace` seconds."""
+        grace = self.stop_grace if grace is None else grace
+        if self.proc.poll() is None:
+            _killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        _killpg(self.proc.pid, signal.SIGKILL)  # also whatever the child left behind in its group
+        self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL at once (a crash, as the others see it)."""
+        _killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def child_env(log_dir: Path, extra: Optional[dict] = None) -> dict:
+    """A child's environment: FastChat's log files in log_dir, this checkout importable, unbuffered output."""
+    env = dict(os.environ)
+    env.update({"LOGDIR": str(log_dir), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in paths if p != str(ROOT)])
+    env.update({k: str(v) for k, v in (extra or {}).items()})
+    return env
+
+
+def start_process(name: str, args: Sequence[str], log_dir: Path, url: str, *, env: Optional[dict] = None,
+                  cwd: Optional[Path] = None, stop_grace: float = STOP_GRACE_S) -> Service:
+    """Start `python args...` in its own session, stdout and stderr to log_dir/NAME.log."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=str(cwd or ROOT), env=child_env(log_dir, env),
+                                start_new_session=True)
+    return Service(name, proc, url, log_path, stop_grace)
+
+
+def ensure_started(service: Service, path: str, timeout: float, method: str = "GET") -> Service:
+    """Wait for service.url + path; on failure stop it and raise with the end of its log."""
+    try:
+        wait_http(service.url + path, timeout, method, service.proc)
+    except Exception as e:
+        service.stop()
+        tail = service.log()[-3000:]
+        raise RuntimeError(f"{service.name} did not start: {e}\n--- end of {service.log_path} ---\n{tail}") from None
+    return service
+
+
+def stop_all(services: Iterable[Optional[Service]]) -> None:
+    """Stop every service (None entries skipped), carrying on past any that fails to stop."""
+    errors = []
+    for svc in services:
+        if svc is None:
+            continue
+        try:
+            svc.stop()
+        except Exception as e:
+            errors.append(f"{svc.name}: {e}")
+    if errors:
+        raise RuntimeError("; ".join(errors))
+
+
+# --- the whole stack -------------------------------------------------------------------------
+
+@dataclass
+class StackPlan:
+    """What `python -m bayling.serve` starts."""
+
+    host: str = HOST
+    controller_port: int = 21001
+    worker_port: int = 21002
+    web_port: int = 7860
+    openai_port: int = 8000
+    openai_api: Optional[str] = None  # None, "fastchat" or "bayling"
+    worker_args: list[str] = field(default_factory=list)  # model and worker flags, passed through
+    log_dir: Path = Path("logs")
+    web: bool = True
+    worker_timeout: float = 900.0  # a first start may convert the demo model or load a 13B model
+
+
+# Each starter appends its service to `started` before waiting on it, so a Ctrl-C during a long
+# start (a model loading) still stops it.
+def _controller(plan: StackPlan, started: list[Service]) -> Service:
+    url = f"http://{plan.host}:{plan.controller_port}"
+    svc = start_process("controller", ["-m", "fastchat.serve.controller", "--host", plan.host,
+                                       "--port", str(plan.controller_port)], plan.log_dir, url, stop_grace=1.0)
+    started.append(svc)
+    return ensure_started(svc, "/test_connection", 60)
+
+
+def _worker(plan: StackPlan, controller: str, started: list[Service]) -> Service:
+    url = f"http://{plan.host}:{plan.worker_port}"
+    svc = start_process("model_worker", ["-m", "bayling.serve.worker", "--host", plan.host,
+                                         "--port", str(plan.worker_port), "--controller-address", controller,
+                                         *plan.worker_args], plan.log_dir, url)
+    started.append(svc)
+    ensure_started(svc, "/worker_get_status", plan.worker_timeout, "POST")
+    _wait_listed(controller, svc)
+    return svc
+
+
+def _wait_listed(controller: str, worker: Service, timeout: float = 30.0) -> None:
+    import json
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(urllib.request.Request(controller + "/list_models", data=b""), timeout=5) as r:
+            if json.loads(r.read())["models"]:
+                return
+        time.sleep(POLL_S)
+    worker.stop()
+    raise RuntimeError(f"the worker did not register with the controller at {controller}; see {worker.log_path}")
+
+
+def _web(plan: StackPlan, controller: str, started: list[Service]) -> Optional[Service]:
+    script = ROOT / "web_server.py"
+    if not script.exists():
+        print(f"(no {script.name} in {ROOT}: starting without the web page)", file=sys.stderr)
+        return None
+    url = f"http://{plan.host}:{plan.web_port}"
+    svc = start_process("web_server", [str(script), "--host", plan.host, "--port", str(plan.web_port),
+                                       "--controller-url", controller], plan.log_dir, url)
+    started.append(svc)
+    return ensure_started(svc, "/", 180)
+
+
+def _openai(plan: StackPlan, controller: str, started: list[Service]) -> Service:
+    module = "bayling.serve.openai_api" if plan.openai_api == "bayling" else "fastchat.serve.openai_api_server"
+    url = f"http://{plan.host}:{plan.openai_port}"
+    svc = start_process("openai_api", ["-m", module, "--host", plan.host, "--port", str(plan.openai_port),
+                                       "--controller-address", controller], plan.log_dir, url)
+    started.append(svc)
+    return ensure_started(svc, "/v1/models", 60)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the stack the same way Ctrl-C does
+
+
+def run_stack(plan: StackPlan) -> int:
+    """Start everything, print the URLs, and stop it all on Ctrl-C or when any part dies."""
+    ports = [("controller", plan.controller_port), ("worker", plan.worker_port)]
+    ports += [("web page", plan.web_port)] if plan.web else []
+    ports += [("OpenAI API", plan.openai_port)] if plan.openai_api else []
+    busy = [f"{what} port {port}" for what, port in ports if port_in_use(port, plan.host)]
+    if busy:
+        print(f"error: already in use: {', '.join(busy)}; stop what runs there or pick other ports",
+              file=sys.stderr)
+        return 2
+    plan.log_dir.mkdir(parents=True, exist_ok=True)
+    services: list[Service] = []
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        controller = _controller(plan, services)
+        print(f"controller   {controller.url}", flush=True)
+        print("model worker loading the model...", flush=True)
+        worker = _worker(plan, controller.url, services)
+        print(f"model worker {worker.url}", flush=True)
+        if plan.openai_api:
+            api = _openai(plan, controller.url, services)
+            note = "" if plan.openai_api == "bayling" else \
+                "  (FastChat 0.2.36: streaming fails under pydantic 2; --openai-api bayling streams)"
+            print(f"OpenAI API   {api.url}/v1{note}", flush=True)
+        web = _web(plan, controller.url, services) if plan.web else None
+        if web is not None:
+            print(f"web page     {web.url}", flush=True)
+        print(f"logs in {plan.log_dir.resolve()}; Ctrl-C stops everything", flush=True)
+        while all(s.alive for s in services):
+            time.sleep(0.5)
+        dead = [s for s in services if not s.alive]
+        print(f"error: {dead[0].name} exited with code {dead[0].proc.returncode}; see {dead[0].log_path}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping...", file=sys.stderr)
+        return 0
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stop_all(reversed(services))
