@@ -7,6 +7,7 @@ the worker abort the request.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import gradio as gr
 
 from ..params import GenerationParams
 from .web_client import (DEFAULT_READ_TIMEOUT_S, NO_WORKER, WORKER_GONE, ControllerClient, ServeError,
-                         default_system_prompt, generate_stream)
+                         default_system_prompt, generate_stream, until_set)
 
 CHAT, TRANSLATE = "chat", "translate"
 VOTES = ("upvote", "downvote", "flag")
@@ -54,7 +55,8 @@ class Session:
     """One panel's conversation in one browser tab. `messages` is what the model sees; `notice` is shown only."""
 
     messages: list[dict] = field(default_factory=list)
-    notice: str = ""
+    notice: str = ""  # an error or "(stopped)"
+    context_note: str = ""  # the worker left old messages out to fit the context window
     model: str = ""
     system: Optional[str] = None
     params: dict = field(default_factory=dict)
@@ -101,10 +103,11 @@ def error_note(message: str) -> str:
 
 
 def render_chat(session: Session) -> list[dict]:
-    """What the Chatbot shows: the conversation, then the notice (an error or 'stopped') if any."""
+    """What the Chatbot shows: the conversation, then the notes (context window, error, stopped) if any."""
     shown = [{"role": m["role"], "content": m["content"]} for m in session.messages]
-    if session.notice:
-        shown.append({"role": "assistant", "content": session.notice})
+    for note in (session.context_note and f"*{session.context_note}*", session.notice):
+        if note:
+            shown.append({"role": "assistant", "content": note})
     return shown
 
 
@@ -144,30 +147,58 @@ def drop_empty_reply(session: Session) -> None:
 
 # ---- streaming ----------------------------------------------------------------------------------------------
 
+STOP, CLEAR = "stop", "clear"
+CLEAR_WAIT_S = 3.0
+
+
 class StreamToken:
-    cancelled = False
+    """One answer being streamed; `reason` says why it was ended early (stop or clear)."""
+
+    def __init__(self) -> None:
+        self.reason = ""
+        self.stopped = asyncio.Event()  # set by Stop/Clear: the stream leaves its read at once
+        self.done = asyncio.Event()  # set by the stream when it has written its last output
 
 
 class Streams:
-    """The answer each (browser tab, panel) is streaming, so that Stop and Clear can end it."""
+    """The answer each (browser tab, panel) is streaming, so that Stop and Clear can end it.
+
+    The streaming handler stays the only writer of its chat: Stop just signals it, and it draws
+    '(stopped)' itself. (Gradio's `cancels=` races the cancelled event's last output against the
+    Stop handler's, and can leave an 'Error' badge on the chat.) Everything runs on Gradio's event loop.
+    """
 
     def __init__(self) -> None:
         self._active: dict[tuple[str, str], StreamToken] = {}
 
-    def start(self, key: tuple[str, str]) -> StreamToken:
-        self.stop(key)  # at most one answer per panel
+    def start(self, key: tuple[str, str]) -> Optional[StreamToken]:
+        """A token for a new answer, or None while this panel is still streaming one."""
+        if key in self._active:
+            return None
         token = self._active[key] = StreamToken()
         return token
 
-    def stop(self, key: tuple[str, str]) -> bool:
-        token = self._active.pop(key, None)
-        if token is not None:
-            token.cancelled = True
-        return token is not None
+    async def stop(self, key: tuple[str, str], reason: str = STOP, wait_s: float = 0.0) -> bool:
+        """Signal the panel's answer to end; with wait_s, wait until it has drawn its last output."""
+        token = self._active.get(key)
+        if token is None:
+            return False
+        token.reason = token.reason or reason
+        token.stopped.set()
+        if wait_s:
+            try:
+                await asyncio.wait_for(token.done.wait(), wait_s)
+            except asyncio.TimeoutError:
+                pass
+        return True
+
+    def busy(self, key: tuple[str, str]) -> bool:
+        return key in self._active
 
     def finish(self, key: tuple[str, str], token: StreamToken) -> None:
         if self._active.get(key) is token:
             del self._active[key]
+        token.done.set()
 
 
 def _key(request: Optional[gr.Request], panel: str) -> tuple[str, str]:
@@ -217,7 +248,8 @@ class ChatService:
                      params: GenerationParams) -> AsyncIterator[Session]:
         """Stream the reply to session.messages into the session, yielding it after each chunk."""
         token = self.streams.start(key)
-        session.notice, session.model = "", model or ""
+        assert token is not None, "handlers call take_turn() before changing the conversation"
+        session.notice, session.context_note, session.model = "", "", model or ""
         session.system = system if system and system.strip() else None
         session.params = {"temperature": params.temperature, "top_p": params.top_p,
                           "max_new_tokens": params.max_new_tokens}
@@ -229,29 +261,32 @@ class ChatService:
             address = await self.controller.worker_address(model)
             payload = build_payload(model, session.messages, session.system, params)
             async with generate_stream(address, payload, self.config.timeout_s) as chunks:
-                async for chunk in chunks:
-                    if token.cancelled:
-                        return
+                async for chunk in until_set(token.stopped, chunks):
                     if reply is None:
                         reply = {"role": "assistant", "content": ""}
                         session.messages.append(reply)
-                    reply["content"] = chunk.text
+                    reply["content"], session.context_note = chunk.text, chunk.notice
                     yield session
         except ServeError as e:
-            if token.cancelled:
-                return
-            session.notice = error_note(str(e))
-            if e.kind in (WORKER_GONE, NO_WORKER):
-                session.workers_changed = True
-                try:
-                    await self.controller.refresh()  # the controller forgets dead workers now, not in 90 s
-                except ServeError:
-                    pass
+            if not token.reason:
+                session.notice = error_note(str(e))
+                if e.kind in (WORKER_GONE, NO_WORKER):
+                    session.workers_changed = True
+                    await self._forget_dead_workers()
+        try:
+            drop_empty_reply(session)
+            if token.reason == STOP:
+                session.notice = STOPPED_NOTE
+            if token.reason != CLEAR:  # Clear draws the empty chat itself, after this returns
+                yield session
         finally:
             self.streams.finish(key, token)
-            drop_empty_reply(session)
-        if not token.cancelled:
-            yield session
+
+    async def _forget_dead_workers(self) -> None:
+        try:
+            await self.controller.refresh()  # the controller drops dead workers now instead of in 90 s
+        except ServeError:
+            pass
 
     async def _no_model_error(self) -> ServeError:
         models = await self.controller.list_models()  # a ServeError here (controller down) says more
@@ -259,12 +294,20 @@ class ChatService:
             return ServeError(f"no model is selected: pick one of {', '.join(models)} above", NO_WORKER)
         return ServeError(no_worker_message(self.controller.url), NO_WORKER)
 
-    def stop(self, session: Session, panel: str, request: Optional[gr.Request]) -> tuple[Session, list[dict]]:
+    async def take_turn(self, panel: str, request: Optional[gr.Request]) -> bool:
+        """Before a new question: stop the panel's running answer (it keeps its partial text) and wait
+        until it is done; False if it would not end, and the new question must be dropped."""
+        key = _key(request, panel)
+        await self.streams.stop(key, STOP, wait_s=CLEAR_WAIT_S)
+        return not self.streams.busy(key)
+
+    async def stop(self, panel: str, request: Optional[gr.Request]) -> None:
         """Stop the panel's answer; what was streamed so far stays in the conversation."""
-        if self.streams.stop(_key(request, panel)):
-            drop_empty_reply(session)
-            session.notice = STOPPED_NOTE
-        return session, render_chat(session)
+        await self.streams.stop(_key(request, panel), STOP)
+
+    async def clear(self, panel: str, request: Optional[gr.Request]) -> None:
+        """End the panel's answer (if any) and wait until it has drawn its last output."""
+        await self.streams.stop(_key(request, panel), CLEAR, wait_s=CLEAR_WAIT_S)
 
     def vote(self, kind: str, session: Session, request: Optional[gr.Request]) -> str:
         """Append the conversation to today's log; returns the status line to show."""
@@ -320,26 +363,29 @@ def _wire_panel(service: ChatService, panel: str, session: gr.State, chatbot: gr
     streaming = {"concurrency_id": "generate", "concurrency_limit": service.config.concurrency}
 
     async def on_regenerate(request: gr.Request, session: Session, *values: Any):
+        if not await service.take_turn(panel, request):
+            yield gr.skip(), gr.skip()
+            return
         if not service.regenerable(session):
             yield session, render_chat(session)
             return
         async for out in service.run(panel, session, request, *values):
             yield out
 
-    def on_stop(request: gr.Request, session: Session):
-        return service.stop(session, panel, request)
+    async def on_stop(request: gr.Request):
+        await service.stop(panel, request)
 
-    def on_clear(request: gr.Request, session: Session):
-        service.streams.stop(_key(request, panel))
+    async def on_clear(request: gr.Request):
+        await service.clear(panel, request)
         return (Session(), [], "", *[""] * len(to_clear))
 
     events = [*first_events, regenerate.click(on_regenerate, [session, *settings], [session, chatbot], **streaming)]
     for event in events:
         event.then(service.sync_models, [session, model], model)
-    stop.click(on_stop, session, [session, chatbot], cancels=events, queue=False)
+    stop.click(on_stop, None, None, queue=False)
     # The Chatbot's own trash icon must clear the conversation too, not only what is drawn.
     for trigger in (clear.click, chatbot.clear):
-        trigger(on_clear, session, [session, chatbot, vote_status, *to_clear], cancels=events, queue=False)
+        trigger(on_clear, None, [session, chatbot, vote_status, *to_clear], queue=False)
     for kind, button in zip(VOTES, votes):
         def on_vote(request: gr.Request, session: Session, kind: str = kind):
             return service.vote(kind, session, request)
@@ -389,7 +435,7 @@ def _chat_panel(service: ChatService, model: gr.Dropdown, settings: list, stream
         send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="chat-send")
 
     async def on_send(request: gr.Request, text: str, session: Session, *values: Any):
-        if not (text or "").strip():
+        if not (text or "").strip() or not await service.take_turn(CHAT, request):
             yield gr.skip(), session, render_chat(session)
             return
         session.notice = ""
@@ -421,6 +467,9 @@ def _translate_panel(service: ChatService, model: gr.Dropdown, settings: list, s
 
     async def on_translate(request: gr.Request, text: str, source_lang: str, target_lang: str,
                            session: Session, *values: Any):
+        if not await service.take_turn(TRANSLATE, request):
+            yield gr.skip(), gr.skip()
+            return
         session = Session()  # a new text starts a new conversation
         if not (text or "").strip():
             session.notice = "Type the text to translate first."
@@ -432,7 +481,7 @@ def _translate_panel(service: ChatService, model: gr.Dropdown, settings: list, s
             yield out
 
     async def on_refine(request: gr.Request, text: str, session: Session, *values: Any):
-        if not (text or "").strip():
+        if not (text or "").strip() or not await service.take_turn(TRANSLATE, request):
             yield gr.skip(), session, render_chat(session)
             return
         if not any(m["role"] == "assistant" for m in session.messages):

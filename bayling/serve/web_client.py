@@ -1,10 +1,11 @@
 """The web page's HTTP client: FastChat's controller and our model worker, every failure one readable line."""
 from __future__ import annotations
 
+import asyncio
 import json
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, TypeVar
 
 import httpx
 
@@ -38,6 +39,7 @@ class Chunk:
     error_code: int = 0
     finish_reason: Optional[str] = None
     usage: dict = field(default_factory=dict)
+    notice: str = ""  # set by our worker when old messages were left out to fit the context window
 
 
 def split_stream(buffer: bytes, data: bytes) -> tuple[list[bytes], bytes]:
@@ -55,7 +57,8 @@ def parse_chunk(raw: bytes) -> Chunk:
     if not isinstance(data, dict) or not isinstance(data.get("text", ""), str):
         raise ServeError(f"the worker sent an unexpected chunk: {str(data)[:80]}")
     return Chunk(text=data.get("text", ""), error_code=int(data.get("error_code") or 0),
-                 finish_reason=data.get("finish_reason"), usage=data.get("usage") or {})
+                 finish_reason=data.get("finish_reason"), usage=data.get("usage") or {},
+                 notice=data.get("notice") if isinstance(data.get("notice"), str) else "")
 
 
 def _timeout(read_s: float) -> httpx.Timeout:
@@ -160,6 +163,29 @@ async def _chunks(response: httpx.Response, address: str, read_timeout_s: float)
         yield parse_chunk(buffer)
     elif not finished:
         raise ServeError(f"the worker at {address} closed the stream before finishing the answer", WORKER_GONE)
+
+
+T = TypeVar("T")
+
+
+async def until_set(event: asyncio.Event, items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Iterate items until event is set, even while waiting for the next one (a slow or silent worker)."""
+    stopped = asyncio.ensure_future(event.wait())
+    try:
+        while not event.is_set():
+            step = asyncio.ensure_future(anext(items))
+            await asyncio.wait({step, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()  # interrupts the socket read; the caller's `async with` then closes the stream
+                await asyncio.gather(step, return_exceptions=True)
+                return
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        stopped.cancel()
 
 
 def _stream_error(e: httpx.HTTPError, address: str, read_timeout_s: float, started: bool) -> ServeError:
