@@ -1,16 +1,23 @@
 """The web page: its pure pieces, then the real stack (controller + worker + web server) in headless Chromium."""
 import asyncio
 import json
+import os
+import signal
+import time
 from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from bayling.params import GenerationParams
 from bayling.serve.web import (STOPPED_NOTE, Session, Streams, build_payload, log_path, parse_auth, read_params,
                                render_chat, translation_instruction, vote_record, append_log)
-from browser import unused_port
+from bayling.demo import DEMO_NAME
 from bayling.serve.web_client import (CONTROLLER_DOWN, WORKER_GONE, ControllerClient, ServeError, generate_stream,
-                                      parse_chunk, split_stream)
+                                      parse_chunk, split_stream, until_set)
+from browser import CHROMIUM, ChatPage, launch_chromium, start_web_server, unused_port, wait_until, worker_busy
+from stack import http_json, start_controller, start_worker, stop_all
 
 # ---- pure pieces --------------------------------------------------------------------------------------------
 
@@ -87,16 +94,33 @@ def test_stream_chunks_split_on_nul_across_reads():
         parse_chunk(b"{not json")
 
 
-def test_streams_stop_only_the_current_answer():
-    streams = Streams()
-    first = streams.start(("tab", "chat"))
-    second = streams.start(("tab", "chat"))  # a new answer replaces (and stops) the old one
-    other = streams.start(("tab", "translate"))
-    assert first.cancelled and not second.cancelled
-    assert streams.stop(("tab", "chat")) and second.cancelled and not other.cancelled
-    assert not streams.stop(("tab", "chat"))
-    streams.finish(("tab", "translate"), other)
-    assert not streams.stop(("tab", "translate"))
+def test_stop_ends_a_silent_stream_at_once_and_only_its_own():
+    async def scenario():
+        streams = Streams()
+        chat, other = streams.start(("tab", "chat")), streams.start(("tab", "translate"))
+        assert streams.start(("tab", "chat")) is None  # one answer per panel at a time
+
+        async def silent_worker():  # never sends another chunk
+            yield 1
+            await asyncio.sleep(3600)
+            yield 2
+
+        got = []
+
+        async def consume():
+            async for item in until_set(chat.stopped, silent_worker()):
+                got.append(item)
+            streams.finish(("tab", "chat"), chat)
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        assert await streams.stop(("tab", "chat"), wait_s=5)  # returns once the stream is done
+        assert time.monotonic() - t0 < 1 and task.done() and got == [1] and chat.reason == "stop"
+        assert not other.stopped.is_set() and streams.busy(("tab", "translate"))
+        assert not await streams.stop(("tab", "chat"))
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
 
 
 def test_unreachable_controller_and_worker_fail_fast_with_a_message():
@@ -112,3 +136,173 @@ def test_unreachable_controller_and_worker_fail_fast_with_a_message():
         assert e.value.kind == WORKER_GONE
 
     asyncio.run(asyncio.wait_for(probe(), 10))
+
+
+# ---- the real stack in a real browser -----------------------------------------------------------------------
+
+READ_TIMEOUT_S = 8  # the page's --timeout: how long a silent worker is waited for
+
+
+@pytest.fixture(scope="module")
+def web_stack(tmp_path_factory):
+    """FastChat's controller, our worker on the demo model and web_server.py, as real processes."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: `make browser` installs Debian's chromium")
+    log_dir = tmp_path_factory.mktemp("web-stack")
+    services = []
+    try:
+        ctl = start_controller(log_dir)
+        services.append(ctl)
+        worker = start_worker(ctl.url, log_dir)
+        services.append(worker)
+        web = start_web_server(ctl.url, log_dir, "--timeout", str(READ_TIMEOUT_S))
+        services.append(web)
+        yield SimpleNamespace(ctl=ctl, worker=worker, web=web, log_dir=log_dir)
+    finally:
+        stop_all(reversed(services))
+
+
+@pytest.fixture(scope="module")
+def browser(web_stack):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = launch_chromium(p)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser, web_stack):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    try:
+        chat = ChatPage(context.new_page(), web_stack.web.url).open()
+        wait_until(lambda: chat.model() == DEMO_NAME, 30, "the model picker to offer the demo model")
+        wait_until(chat.system_prompt, 15, "the model's default system prompt in the editable box")
+        yield chat
+    finally:
+        context.close()
+
+
+def _aborted(worker_url: str) -> int:
+    return int(http_json(worker_url + "/worker_get_status").get("batching", {}).get("aborted", 0))
+
+
+def _wait_streaming(page: ChatPage, panel: str = "chat", timeout: float = 60) -> str:
+    """Wait until the answer has been seen growing (two different non-empty texts); returns the latest."""
+    seen = set()
+
+    def grown():
+        messages = page.messages(panel)
+        if messages and messages[-1][0] == "assistant" and messages[-1][1]:
+            seen.add(messages[-1][1])
+        return len(seen) >= 2 and messages[-1][1]
+
+    return wait_until(grown, timeout, "the answer to stream into the page")
+
+
+def test_chat_streams_markdown_then_stop_regenerate_vote_clear(web_stack, page):
+    worker = web_stack.worker.url
+    assert "SmolLM" in page.system_prompt()  # prefilled from the worker's template
+    page.type_and_send("chat-input", "Tell me a **long** story about a dragon who learns to cook.")
+    assert page.page.locator("#chat-chatbot .message.user strong").first.inner_text() == "long"  # Markdown
+    _wait_streaming(page)
+
+    aborted = _aborted(worker)
+    page.click("chat-stop")
+    wait_until(lambda: "(stopped)" in page.last_text(), 10, "'(stopped)' under the partial answer")
+    wait_until(lambda: worker_busy(worker) == 0, 10, "the worker to drop the stopped request")
+    assert _aborted(worker) == aborted + 1, "Stop must abort the request on the worker"
+    assert page.last_text().replace("(stopped)", "").strip(), "the partial answer stays"
+
+    page.set_number("max-new-tokens", 16)
+    page.click("chat-regenerate")
+    _wait_streaming(page)
+    answer = page.wait_answer_done(worker)
+    assert [role for role, _ in page.messages()] == ["user", "assistant"]
+    assert answer and "(stopped)" not in answer
+
+    page.click("chat-upvote")
+    wait_until(lambda: "Logged your upvote" in page.page.inner_text("#chat-vote-status"), 10, "the vote's receipt")
+    log = web_stack.log_dir / "votes" / f"{datetime.now():%Y-%m-%d}-conv.json"
+    record = json.loads(log.read_text(encoding="utf-8").splitlines()[-1])
+    assert record["type"] == "upvote" and record["model"] == DEMO_NAME and record["ip"] == "127.0.0.1"
+    state = record["state"]
+    assert state["system"] == page.system_prompt() and state["params"]["max_new_tokens"] == 16
+    assert [m["role"] for m in state["messages"]] == ["user", "assistant"]
+    assert state["messages"][0]["content"].startswith("Tell me a **long** story")
+
+    page.click("chat-clear")
+    wait_until(lambda: page.messages() == [], 10, "Clear to empty the chat")
+    page.click("chat-regenerate")
+    wait_until(lambda: "Nothing to regenerate" in page.last_text(), 10, "Regenerate on an empty chat to say so")
+
+
+def test_translation_then_refinement_in_the_same_conversation(web_stack, page):
+    page.page.get_by_role("tab", name="Translate").click()
+    page.set_number("max-new-tokens", 24)
+    page.type_and_send("translate-source", "今天天气很好，我们去公园散步吧。", "translate-run")  # Chinese -> English
+    page.wait_answer_done(web_stack.worker.url, "translate")
+    messages = page.messages("translate")
+    assert messages[0] == ("user", "提供这句话的英文翻译：今天天气很好，我们去公园散步吧。")
+    assert len(messages) == 2 and messages[1][0] == "assistant" and messages[1][1]
+
+    page.type_and_send("translate-refine", "Make it more formal.")
+    wait_until(lambda: len(page.messages("translate")) >= 3, 10, "the follow-up instruction in the chat")
+    page.wait_answer_done(web_stack.worker.url, "translate")
+    messages = page.messages("translate")
+    assert [role for role, _ in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[2][1] == "Make it more formal." and messages[3][1]
+
+    page.click("translate-flag")  # the log shows what the worker was sent: one four-turn conversation
+    wait_until(lambda: "Logged your flag" in page.page.inner_text("#translate-vote-status"), 10, "the flag's receipt")
+    log = web_stack.log_dir / "votes" / f"{datetime.now():%Y-%m-%d}-conv.json"
+    record = json.loads(log.read_text(encoding="utf-8").splitlines()[-1])
+    assert record["type"] == "flag" and len(record["state"]["messages"]) == 4
+
+    page.click("swap-langs")
+    wait_until(lambda: page.page.input_value("#source-lang input") == "English", 5, "the languages to swap")
+    assert page.page.input_value("#target-lang input") == "Chinese"
+
+
+def test_prompt_too_long_and_silent_worker_show_errors_within_seconds(web_stack, page):
+    t0 = time.monotonic()
+    page.type_and_send("chat-input", "word " * 12000)  # far beyond the demo model's 8192-token window
+    wait_until(lambda: "Error" in page.last_text(), 15, "the prompt-too-long error")
+    assert "context window" in page.last_text() and time.monotonic() - t0 < 15
+
+    page.click("chat-clear")
+    wait_until(lambda: page.messages() == [], 10, "Clear to empty the chat")
+    os.kill(web_stack.worker.proc.pid, signal.SIGSTOP)  # alive but silent: connections open, nothing answers
+    try:
+        t0 = time.monotonic()
+        page.type_and_send("chat-input", "Hello?")
+        wait_until(lambda: "Error" in page.last_text(), READ_TIMEOUT_S + 10, "the timeout error")
+        assert f"sent nothing for {READ_TIMEOUT_S} s" in page.last_text()
+        assert time.monotonic() - t0 < READ_TIMEOUT_S + 10
+    finally:
+        os.kill(web_stack.worker.proc.pid, signal.SIGCONT)
+    wait_until(lambda: worker_busy(web_stack.worker.url) == 0, 30, "the worker to drop the abandoned request")
+
+
+def test_killed_worker_shows_an_error_and_the_controller_drops_it(web_stack, page, tmp_path):
+    ctl = web_stack.ctl
+    doomed = start_worker(ctl.url, tmp_path, args=["--model-names", "doomed-demo"])
+    try:
+        page.click("reload-models")
+        page.page.click("#model-picker input")
+        page.page.get_by_role("option", name="doomed-demo").click()
+        wait_until(lambda: page.model() == "doomed-demo", 10, "the doomed model to be picked")
+        page.type_and_send("chat-input", "Write a very long poem about the sea.")
+        _wait_streaming(page)
+        t0 = time.monotonic()
+        doomed.kill()
+        wait_until(lambda: "Error" in page.last_text(), 10, "the dead worker's error")
+        assert "may have died" in page.last_text() and time.monotonic() - t0 < 10
+        wait_until(lambda: "doomed-demo" not in http_json(ctl.url + "/list_models")["models"], 15,
+                   "the controller to drop the dead worker")
+        wait_until(lambda: page.model() == DEMO_NAME, 15, "the model picker to fall back to a live model")
+    finally:
+        doomed.stop()
