@@ -193,6 +193,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
+        self._prefilling = 0  # popped from the queue, not yet in the batch
         self._kv = BatchKV()
         self._cond = threading.Condition()
         self._stop = False
@@ -239,7 +240,7 @@ class Engine:
     @property
     def queue_length(self) -> int:
         """Requests the worker holds (running + waiting): what FastChat's controller dispatches on."""
-        return len(self._running) + len(self._waiting)
+        return len(self._running) + self._prefilling + len(self._waiting)
 
     def status(self) -> dict:
         return {**self.stats.as_dict(), "running": self.running, "waiting": self.waiting,
@@ -273,15 +274,18 @@ class Engine:
                 if not self._waiting:
                     return
                 seq = self._waiting.popleft()
-            if seq.cancelled:
-                self._finish(seq, FINISH_ABORT)
-                continue
+                self._prefilling = 1
             try:
-                self._prefill(seq)
+                if seq.cancelled:
+                    self._finish(seq, FINISH_ABORT)
+                else:
+                    self._prefill(seq)
             except Exception as e:
                 log.exception("prefill failed")
                 self.stats.errors += 1
-                seq.sink(e)
+                _notify(seq, e)
+            finally:
+                self._prefilling = 0
 
     @torch.inference_mode()
     def _prefill(self, seq: _Seq) -> None:
@@ -341,10 +345,7 @@ class Engine:
 
     def _emit(self, seq: _Seq) -> None:
         seq.emitted_tokens, seq.emitted_text = seq.out.completion_tokens, seq.out.text
-        try:
-            seq.sink(seq.out.chunk(""))
-        except Exception:  # a sink belongs to a client that may be gone; never let it stop the engine
-            log.exception("sink failed")
+        _notify(seq, seq.out.chunk(""))
 
     def _finish(self, seq: _Seq, reason: str) -> None:
         seq.out.finish(reason)
@@ -371,7 +372,11 @@ class Engine:
         self._kv = BatchKV()
         for seq in seqs:
             self.stats.errors += 1
-            try:
-                seq.sink(error)
-            except Exception:
-                log.exception("sink failed")
+            _notify(seq, error)
+
+
+def _notify(seq: _Seq, event: Event) -> None:
+    try:
+        seq.sink(event)
+    except Exception:  # a sink belongs to a client that may be gone; never let it stop the engine
+        log.exception("sink failed")
