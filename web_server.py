@@ -27,6 +27,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         auth = parse_auth(args.auth)
     except ValueError as e:
         parser.error(str(e))
+    if not args.controller_url.startswith(("http://", "https://")):
+        parser.error(f"--controller-url must start with http:// or https://, got {args.controller_url!r}")
     if args.timeout <= 0 or args.concurrency < 1:
         parser.error("--timeout must be > 0 and --concurrency >= 1")
     config = WebConfig(controller_url=args.controller_url, log_dir=args.log_dir, timeout_s=args.timeout,

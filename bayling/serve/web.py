@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -21,9 +23,12 @@ from ..params import GenerationParams
 from .web_client import (DEFAULT_READ_TIMEOUT_S, NO_WORKER, WORKER_GONE, ControllerClient, ServeError,
                          default_system_prompt, generate_stream, until_set)
 
+log = logging.getLogger("bayling.serve.web")
+
 CHAT, TRANSLATE = "chat", "translate"
 VOTES = ("upvote", "downvote", "flag")
 STOPPED_NOTE = "*(stopped)*"
+EMPTY_NOTE = "*(the model ended its answer without any text; try Regenerate)*"
 # Target-language names for BayLing's two translation instructions (English and Chinese).
 LANGUAGES = {
     "English": "英文", "Chinese": "中文", "German": "德文", "French": "法文", "Japanese": "日文",
@@ -140,9 +145,11 @@ def append_log(log_dir: str | Path, record: dict, now: datetime) -> Path:
     return path
 
 
-def drop_empty_reply(session: Session) -> None:
-    if session.messages and session.messages[-1]["role"] == "assistant" and not session.messages[-1]["content"]:
+def drop_empty_reply(session: Session) -> bool:
+    """Remove a trailing answer with no text; True if the conversation now ends with a real answer."""
+    if session.messages and session.messages[-1]["role"] == "assistant" and not session.messages[-1]["content"].strip():
         session.messages.pop()
+    return bool(session.messages) and session.messages[-1]["role"] == "assistant"
 
 
 # ---- streaming ----------------------------------------------------------------------------------------------
@@ -249,38 +256,51 @@ class ChatService:
         """Stream the reply to session.messages into the session, yielding it after each chunk."""
         token = self.streams.start(key)
         assert token is not None, "handlers call take_turn() before changing the conversation"
-        session.notice, session.context_note, session.model = "", "", model or ""
-        session.system = system if system and system.strip() else None
-        session.params = {"temperature": params.temperature, "top_p": params.top_p,
-                          "max_new_tokens": params.max_new_tokens}
-        yield session  # the user's message appears at once
-        reply: Optional[dict] = None
-        try:
-            if not model:
-                raise await self._no_model_error()
-            address = await self.controller.worker_address(model)
-            payload = build_payload(model, session.messages, session.system, params)
-            async with generate_stream(address, payload, self.config.timeout_s) as chunks:
-                async for chunk in until_set(token.stopped, chunks):
-                    if reply is None:
-                        reply = {"role": "assistant", "content": ""}
-                        session.messages.append(reply)
-                    reply["content"], session.context_note = chunk.text, chunk.notice
-                    yield session
-        except ServeError as e:
-            if not token.reason:
-                session.notice = error_note(str(e))
-                if e.kind in (WORKER_GONE, NO_WORKER):
-                    session.workers_changed = True
-                    await self._forget_dead_workers()
-        try:
-            drop_empty_reply(session)
+        try:  # however this ends (also closed by Gradio mid-stream), the panel must be freed
+            session.notice, session.context_note, session.model = "", "", model or ""
+            session.system = system if system and system.strip() else None
+            session.params = {"temperature": params.temperature, "top_p": params.top_p,
+                              "max_new_tokens": params.max_new_tokens}
+            yield session  # the user's message appears at once
+            try:
+                async with aclosing(self._stream_reply(session, model, params, token)) as steps:
+                    async for _ in steps:  # closing it closes the HTTP stream: the worker aborts
+                        yield session
+            except ServeError as e:
+                if not token.reason:  # after Stop or Clear a broken stream is expected, not news
+                    session.notice = error_note(str(e))
+                    if e.kind in (WORKER_GONE, NO_WORKER):
+                        session.workers_changed = True
+                        await self._forget_dead_workers()
+            except Exception as e:  # a bug must still end in a message, not a spinner
+                log.exception("answering failed")
+                session.notice = error_note(f"the web server failed: {type(e).__name__}: {e}")
             if token.reason == STOP:
                 session.notice = STOPPED_NOTE
+            if not drop_empty_reply(session) and not session.notice:
+                session.notice = EMPTY_NOTE
             if token.reason != CLEAR:  # Clear draws the empty chat itself, after this returns
                 yield session
         finally:
             self.streams.finish(key, token)
+
+    async def _stream_reply(self, session: Session, model: Optional[str], params: GenerationParams,
+                            token: StreamToken) -> AsyncIterator[None]:
+        """Append the worker's answer to session.messages, updating it in place after each chunk."""
+        if not model:
+            raise await self._no_model_error()
+        address = await self.controller.worker_address(model)
+        payload = build_payload(model, session.messages, session.system, params)
+        reply: Optional[dict] = None
+        async with generate_stream(address, payload, self.config.timeout_s) as chunks:
+            async for chunk in until_set(token.stopped, chunks):
+                if reply is None and not chunk.text:
+                    continue  # no empty bubble before the first words
+                if reply is None:
+                    reply = {"role": "assistant", "content": ""}
+                    session.messages.append(reply)
+                reply["content"], session.context_note = chunk.text, chunk.notice
+                yield
 
     async def _forget_dead_workers(self) -> None:
         try:
@@ -435,19 +455,26 @@ def _chat_panel(service: ChatService, model: gr.Dropdown, settings: list, stream
         send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="chat-send")
 
     async def on_send(request: gr.Request, text: str, session: Session, *values: Any):
-        if not (text or "").strip() or not await service.take_turn(CHAT, request):
-            yield gr.skip(), session, render_chat(session)
-            return
-        session.notice = ""
-        session.messages.append({"role": "user", "content": text.strip()})
-        first = True
-        async for s, shown in service.run(CHAT, session, request, *values):
-            yield ("" if first else gr.skip()), s, shown  # clear the box once; later yields leave typing alone
-            first = False
+        async for out in _ask(service, CHAT, request, text, session, values):
+            yield out
 
     inputs, outputs = [text, session, *settings], [text, session, chatbot]
     events = [text.submit(on_send, inputs, outputs, **streaming), send.click(on_send, inputs, outputs, **streaming)]
     _wire_panel(service, CHAT, session, chatbot, model, settings, events, [text])
+
+
+async def _ask(service: ChatService, panel: str, request: gr.Request, text: str, session: Session,
+               values: tuple) -> AsyncIterator[tuple[Any, Session, list[dict]]]:
+    """A new user message in a panel: yields (input box, session, chat) as the answer streams."""
+    if not (text or "").strip() or not await service.take_turn(panel, request):
+        yield gr.skip(), session, render_chat(session)
+        return
+    session.notice = ""
+    session.messages.append({"role": "user", "content": text.strip()})
+    first = True
+    async for s, shown in service.run(panel, session, request, *values):
+        yield ("" if first else gr.skip()), s, shown  # empty the box once; later yields leave new typing alone
+        first = False
 
 
 def _translate_panel(service: ChatService, model: gr.Dropdown, settings: list, streaming: dict) -> None:
@@ -481,19 +508,12 @@ def _translate_panel(service: ChatService, model: gr.Dropdown, settings: list, s
             yield out
 
     async def on_refine(request: gr.Request, text: str, session: Session, *values: Any):
-        if not (text or "").strip() or not await service.take_turn(TRANSLATE, request):
-            yield gr.skip(), session, render_chat(session)
-            return
-        if not any(m["role"] == "assistant" for m in session.messages):
+        if (text or "").strip() and not any(m["role"] == "assistant" for m in session.messages):
             session.notice = "Translate something first, then refine the translation here."
             yield gr.skip(), session, render_chat(session)
             return
-        session.notice = ""
-        session.messages.append({"role": "user", "content": text.strip()})
-        first = True
-        async for s, shown in service.run(TRANSLATE, session, request, *values):
-            yield ("" if first else gr.skip()), s, shown
-            first = False
+        async for out in _ask(service, TRANSLATE, request, text, session, values):
+            yield out
 
     swap.click(lambda a, b: (b, a), [source_lang, target_lang], [source_lang, target_lang], queue=False)
     translate_inputs = [source, source_lang, target_lang, session, *settings]

@@ -90,7 +90,11 @@ class ControllerClient:
         if response.status_code != 200:
             raise ServeError(f"the controller at {self.url} answered HTTP {response.status_code} to {path}",
                              CONTROLLER_DOWN)
-        return response.json() if response.content else None
+        try:
+            return response.json() if response.content else None
+        except ValueError:
+            raise ServeError(f"the controller at {self.url} sent a reply that is not JSON to {path}",
+                             CONTROLLER_DOWN) from None
 
     async def refresh(self) -> None:
         """Make the controller re-probe its workers, dropping the ones that no longer answer."""
