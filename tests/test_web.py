@@ -143,11 +143,15 @@ def test_unreachable_controller_and_worker_fail_fast_with_a_message():
 READ_TIMEOUT_S = 8  # the page's --timeout: how long a silent worker is waited for
 
 
+def _need_chromium() -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: `make browser` installs Debian's chromium")
+
+
 @pytest.fixture(scope="module")
 def web_stack(tmp_path_factory):
     """FastChat's controller, our worker on the demo model and web_server.py, as real processes."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing: `make browser` installs Debian's chromium")
+    _need_chromium()
     log_dir = tmp_path_factory.mktemp("web-stack")
     services = []
     try:
@@ -163,9 +167,10 @@ def web_stack(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(web_stack):
+def browser():
     from playwright.sync_api import sync_playwright
 
+    _need_chromium()
     with sync_playwright() as p:
         chromium = launch_chromium(p)
         try:
@@ -243,6 +248,7 @@ def test_chat_streams_markdown_then_stop_regenerate_vote_clear(web_stack, page):
 def test_translation_then_refinement_in_the_same_conversation(web_stack, page):
     page.page.get_by_role("tab", name="Translate").click()
     page.set_number("max-new-tokens", 24)
+    page.set_number("temperature", 0)  # greedy: the same (non-empty) answers every run
     page.type_and_send("translate-source", "今天天气很好，我们去公园散步吧。", "translate-run")  # Chinese -> English
     page.wait_answer_done(web_stack.worker.url, "translate")
     messages = page.messages("translate")
@@ -306,3 +312,23 @@ def test_killed_worker_shows_an_error_and_the_controller_drops_it(web_stack, pag
         wait_until(lambda: page.model() == DEMO_NAME, 15, "the model picker to fall back to a live model")
     finally:
         doomed.stop()
+
+
+def test_login_then_an_unreachable_controller_is_reported_not_spun(browser, tmp_path):
+    web = start_web_server(f"http://127.0.0.1:{unused_port()}", tmp_path, "--auth", "ann:s3cret")
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(web.url)
+        page.get_by_label("username").fill("ann")
+        page.get_by_label("password").fill("s3cret")
+        page.get_by_role("button", name="Login").click()
+        chat = ChatPage(page, web.url)
+        page.wait_for_selector("#chat-input textarea", timeout=20000)
+        wait_until(lambda: "cannot reach the controller" in page.inner_text("#model-status"), 10,
+                   "the model list's error")
+        chat.type_and_send("chat-input", "Anyone there?")
+        wait_until(lambda: "cannot reach the controller" in chat.last_text(), 10, "the error in the chat")
+    finally:
+        context.close()
+        web.stop()
