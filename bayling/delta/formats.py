@@ -85,7 +85,10 @@ def _pread(info: TensorInfo, fd: int, offset: int, nbytes: int, into: Optional[t
     view = memoryview(buf.numpy())
     done = 0
     while done < nbytes:
-        n = os.preadv(fd, [view[done:done + READ_CHUNK]], offset + done)
+        try:
+            n = os.preadv(fd, [view[done:done + READ_CHUNK]], offset + done)
+        except OSError as e:  # an I/O error here is the input's fault, not the output's
+            raise DeltaError(f"cannot read {info.name} from {info.file}: {e.strerror or e}") from None
         if n == 0:
             raise DeltaError(f"{info.file} ended while reading {info.name}: the file changed or is truncated")
         done += n

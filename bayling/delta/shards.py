@@ -38,7 +38,10 @@ class WeightSource:
         [start, start + count) of it, flattened; read into the byte buffer `into` when given."""
         info = self.tensors[name]
         if info.file not in self._fds:
-            self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            try:
+                self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            except OSError as e:
+                raise DeltaError(f"cannot read {info.file}: {e.strerror or e}") from None
         if count is None:
             return read_tensor(info, self._fds[info.file], into)
         return read_elements(info, self._fds[info.file], start, count, into)

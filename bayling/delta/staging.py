@@ -47,9 +47,13 @@ class StagingFolder:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
         os.chmod(self.path, DIR_MODE & ~_umask())  # mkdtemp makes it private; the model is not
-        self._janitor = subprocess.Popen([sys.executable, "-I", "-S", "-c", JANITOR, str(self.path)],
-                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self._janitor = subprocess.Popen([sys.executable, "-I", "-S", "-c", JANITOR, str(self.path)],
+                                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.DEVNULL, start_new_session=True)
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
         return self.path
 
     def commit(self) -> None:
