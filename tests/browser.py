@@ -1,28 +1,22 @@
 """Helpers for the web page's end-to-end tests: start web_server.py, drive it with Debian's headless Chromium."""
-import socket
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from stack import ROOT, Service, http_json, start_process, wait_http
+from stack import ROOT, Service, free_port, http_json, start_process, wait_http
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 # JS: the chat's messages as [role, text] pairs, one per bubble group (an answer and its note share one).
-MESSAGES_JS = """panel => [...document.querySelectorAll(`#${panel}-chatbot .message.user, #${panel}-chatbot .message.bot`)]
+# Gradio draws a placeholder "message bot pending" while an event runs: that is not an answer.
+MESSAGES_JS = """panel => [...document.querySelectorAll(
+        `#${panel}-chatbot .message.user, #${panel}-chatbot .message.bot:not(.pending)`)]
     .map(e => [e.classList.contains('user') ? 'user' : 'assistant', e.innerText.trim()])"""
-
-
-def unused_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (the OS just handed it out and took it back)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_web_server(controller_url: str, log_dir: Path, *args: str, timeout: float = 90.0) -> Service:
     """`python web_server.py` on a free port, waiting until its page answers."""
-    port = unused_port()
+    port = free_port()
     cmd = [str(ROOT / "web_server.py"), "--port", str(port), "--controller-url", controller_url,
            "--log-dir", str(Path(log_dir) / "votes"), *args]
     svc = start_process(f"web-{port}", cmd, log_dir, f"http://127.0.0.1:{port}",

@@ -16,8 +16,8 @@ from bayling.serve.web import (STOPPED_NOTE, Session, Streams, build_payload, lo
 from bayling.demo import DEMO_NAME
 from bayling.serve.web_client import (CONTROLLER_DOWN, WORKER_GONE, ControllerClient, ServeError, generate_stream,
                                       parse_chunk, split_stream, until_set)
-from browser import CHROMIUM, ChatPage, launch_chromium, start_web_server, unused_port, wait_until, worker_busy
-from stack import http_json, start_controller, start_worker, stop_all
+from browser import CHROMIUM, ChatPage, launch_chromium, start_web_server, wait_until, worker_busy
+from stack import free_port, http_json, start_controller, start_worker, stop_all
 
 # ---- pure pieces --------------------------------------------------------------------------------------------
 
@@ -125,7 +125,7 @@ def test_stop_ends_a_silent_stream_at_once_and_only_its_own():
 
 def test_unreachable_controller_and_worker_fail_fast_with_a_message():
     async def probe():
-        url = f"http://127.0.0.1:{unused_port()}"
+        url = f"http://127.0.0.1:{free_port()}"
         with pytest.raises(ServeError, match="cannot reach the controller") as e:
             await ControllerClient(url).list_models()
         assert e.value.kind == CONTROLLER_DOWN
@@ -315,7 +315,7 @@ def test_killed_worker_shows_an_error_and_the_controller_drops_it(web_stack, pag
 
 
 def test_login_then_an_unreachable_controller_is_reported_not_spun(browser, tmp_path):
-    web = start_web_server(f"http://127.0.0.1:{unused_port()}", tmp_path, "--auth", "ann:s3cret")
+    web = start_web_server(f"http://127.0.0.1:{free_port()}", tmp_path, "--auth", "ann:s3cret")
     context = browser.new_context()
     try:
         page = context.new_page()

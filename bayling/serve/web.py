@@ -448,7 +448,7 @@ def build_demo(config: WebConfig) -> gr.Blocks:
 
 def _chat_panel(service: ChatService, model: gr.Dropdown, settings: list, streaming: dict) -> None:
     session = gr.State(Session())
-    chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chat-chatbot", buttons=["copy"])
+    chatbot = gr.Chatbot(show_label=False, height=460, elem_id="chat-chatbot", buttons=["copy"])
     with gr.Row(equal_height=True):
         text = gr.Textbox(show_label=False, placeholder="Message (Enter to send, Shift+Enter for a new line)",
                           lines=1, max_lines=8, scale=6, elem_id="chat-input")
@@ -485,7 +485,7 @@ def _translate_panel(service: ChatService, model: gr.Dropdown, settings: list, s
         target_lang = gr.Dropdown(list(LANGUAGES), value="English", label="To", elem_id="target-lang")
     source = gr.Textbox(label="Text to translate", lines=3, max_lines=12, elem_id="translate-source")
     translate = gr.Button("Translate", variant="primary", elem_id="translate-run")
-    chatbot = gr.Chatbot(label="Translation", height=340, elem_id="translate-chatbot", buttons=["copy"])
+    chatbot = gr.Chatbot(show_label=False, height=340, elem_id="translate-chatbot", buttons=["copy"])
     with gr.Row(equal_height=True):
         refine = gr.Textbox(show_label=False, placeholder="Refine it: e.g. \"Make it more formal.\"",
                             lines=1, max_lines=6, scale=6, elem_id="translate-refine")
