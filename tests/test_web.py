@@ -224,6 +224,7 @@ def test_chat_streams_markdown_then_stop_regenerate_vote_clear(web_stack, page):
 
     page.set_number("max-new-tokens", 16)
     page.click("chat-regenerate")
+    wait_until(lambda: "(stopped)" not in page.last_text(), 10, "Regenerate to drop the stopped answer")
     _wait_streaming(page)
     answer = page.wait_answer_done(worker)
     assert [role for role, _ in page.messages()] == ["user", "assistant"]
