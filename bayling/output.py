@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 from .deanon import deanonymize, partial_suffix_len, safe_prefix_len
-from .detok import IncrementalDecoder
+from .detok import REPLACEMENT_CHAR, IncrementalDecoder
 from .params import GenerationParams
 
 FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = "stop", "length", "abort"
@@ -67,8 +67,10 @@ class SequenceOutput:
         """End the sequence (stop, length or abort) and release everything held back."""
         if self.finished:
             return ""
-        if self._decoder.flush() and self.finish_reason is None:
-            self._cut_at_stop_string(len(self._decoder.text))
+        if self._decoder.flush() and not self._cut_at_stop_string(len(self._decoder.text)):
+            # A sequence cut off inside a multi-byte character (max tokens, abort) ends in
+            # U+FFFD: show the answer without that half character.
+            self._raw_end = len(self._decoder.text.rstrip(REPLACEMENT_CHAR))
         self.finish_reason = reason
         return self._release(final=True)
 

@@ -147,3 +147,13 @@ def test_incremental_decode_real_text_roundtrip(bpe_tokenizer, spm_tokenizer):
                 dec.push(i)
             dec.flush()
             assert dec.text == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def test_half_character_at_the_end_is_dropped(bpe_tokenizer):
+    # Byte-level BPE: force the character's bytes into separate tokens, then stop after the first.
+    byte_ids = [bpe_tokenizer.convert_tokens_to_ids(c) for c in "å¥½"]
+    assert bpe_tokenizer.decode(byte_ids) == "好"
+    out = SequenceOutput(bpe_tokenizer, GenerationParams(), 1, max_new_tokens=2, stop_token_ids=[])
+    out.push(bpe_tokenizer.convert_tokens_to_ids("A"))
+    out.push(byte_ids[0])
+    assert out.finish_reason == "length" and out.text == "A"
