@@ -25,8 +25,8 @@ def test_greedy_matches_transformers_generate(tiny_llama):
     last = chunks[-1]
     expected = reference_greedy(tiny_llama, PROMPT, 40)
     assert last.completion_tokens == 40 and last.finish_reason == "length"
-    assert last.text == tiny_llama.tokenizer.decode(expected, skip_special_tokens=True,
-                                                    clean_up_tokenization_spaces=False)
+    full = tiny_llama.tokenizer.decode(expected, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert last.text == full.rstrip("\ufffd")  # a half character at the cut is not shown
     assert "".join(c.delta for c in chunks) == last.text
     assert last.prompt_tokens == len(encode_prompt(tiny_llama.tokenizer, PROMPT))
 
