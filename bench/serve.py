@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import threading
@@ -173,8 +172,9 @@ def soak(controller_url: str, worker_pid: int, api_urls: dict, n: int, concurren
         t.join()
     rss50, rss_end = state["rss"].get(50), state["rss"].get(n)
     growth = (rss_end - rss50) / rss50 if rss50 and rss_end else None
-    return {"requests": n, "concurrency": concurrency, "max_tokens": new_tokens, "wall_s": round(time.perf_counter() - start, 1),
-            "requests_by_server": state["by_server"], "errors": len(state["errors"]), "error_samples": state["errors"][:3],
+    return {"requests": n, "concurrency": concurrency, "max_tokens": new_tokens,
+            "wall_s": round(time.perf_counter() - start, 1), "requests_by_server": state["by_server"],
+            "errors": len(state["errors"]), "error_samples": state["errors"][:3],
             "incomplete_responses": state["incomplete"],
             "worker_rss_mib_at_50": round(rss50 / 2**20, 1) if rss50 else None,
             "worker_rss_mib_at_end": round(rss_end / 2**20, 1) if rss_end else None,
@@ -252,13 +252,15 @@ def main() -> None:
                         (after["decode_rows"] - before["decode_rows"]) / steps, 2) if steps else 0.0
                 print(f"  {level[name]['tokens_per_s']} tok/s, p50 {level[name]['latency_p50_s']} s, "
                       f"ttft p50 {level[name]['ttft_p50_s']} s", flush=True)
-            ratio = level["ours"]["tokens_per_s"] / level["stock"]["tokens_per_s"] if level["stock"]["tokens_per_s"] else None
+            stock_rate = level["stock"]["tokens_per_s"]
+            ratio = level["ours"]["tokens_per_s"] / stock_rate if stock_rate else None
             levels.append({"clients": clients, "stock": level["stock"], "ours": level["ours"],
                            "throughput_ratio": round(ratio, 2) if ratio else None})
 
         stop_all([workers.pop("stock")])  # the soak is ours alone
         api_urls = {}
-        for name, module in [] if not args.soak_requests else (("fastchat", "fastchat.serve.openai_api_server"), ("bayling", "bayling.serve.openai_api")):
+        servers = (("fastchat", "fastchat.serve.openai_api_server"), ("bayling", "bayling.serve.openai_api"))
+        for name, module in servers if args.soak_requests else ():
             p = free_port()
             api = start_process(f"openai-{name}", ["-m", module, "--host", HOST, "--port", str(p),
                                                    "--controller-address", ctl.url], work, f"http://{HOST}:{p}",
