@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from .data import load_questions, turns_of
+from .data import turns_of
 from .engine import Engine
 from .io import ResumableWriter, check_rows_match, progress, windows
 
@@ -34,7 +33,3 @@ def answer_rows(engine: Engine, rows: list[dict], output: Path) -> int:
                 writer.write({**row, "response": response})
     return writer.done
 
-
-def run_answer(engine: Engine, questions: str, output: Path, allow_modified: bool = False) -> int:
-    rows: list[Any] = load_questions(questions, allow_modified)
-    return answer_rows(engine, rows, output)
