@@ -42,6 +42,7 @@ $EVAL score-exam --pred-dir exp/examination/$M --gold-dir $S/agieval --json > ex
 
 # Pairwise judging: the demo model judges, behind FastChat's controller + our worker + FastChat's OpenAI server
 LOGS=$(mktemp -d)
+export LOGDIR=$LOGS  # FastChat's servers write their own log files there, not into the checkout
 $PY -m fastchat.serve.controller --host 127.0.0.1 --port 21001 > "$LOGS/controller.log" 2>&1 & CTL=$!
 sleep 5
 $PY model_worker.py --device cpu --controller-address http://127.0.0.1:21001 --port 21002 \
