@@ -1,46 +1,36 @@
 """`judge` end to end against a real OpenAI-compatible server on 127.0.0.1 serving the demo model.
 
-The endpoint is FastChat's stack (controller + our model_worker.py + FastChat's OpenAI API
-server) when model_worker.py is in the repository, else the small server in eval_helpers.py.
-The demo model rarely writes parseable scores: the test checks that every review is kept and
-that unparseable ones are counted as such (the parser itself is tested on hand-written reviews).
+The endpoint is FastChat's stack as real processes: FastChat's controller, our model_worker.py
+(demo model, CPU) and FastChat's OpenAI API server. The demo model rarely writes parseable
+scores: the test checks that every review is kept and that unparseable ones are counted as such
+(the parser itself is tested on hand-written reviews in test_eval_scorers.py).
 """
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from bayling.eval.cli import main
 from bayling.eval.judge import FORWARD, REVERSE, UNPARSEABLE, parse_review, result_of
-from eval_helpers import ROOT, read_jsonl, write_jsonl
-from stack import free_port, http_json, start_controller, start_openai_server, start_process, start_worker, \
-    stop_all, wait_http
+from eval_helpers import read_jsonl, write_jsonl
+from stack import free_port, http_json, start_controller, start_openai_server, start_worker, stop_all
 
 MAX_TOKENS = "24"
-SERVER_START_TIMEOUT_S = 180
 
 
 @pytest.fixture(scope="module")
 def judge_endpoint(tmp_path_factory):
-    """(base_url, model name, which stack) of a live endpoint; the processes stop after the module."""
+    """(base_url, model name) of FastChat's OpenAI server in front of our worker; stopped after the module."""
     log_dir = tmp_path_factory.mktemp("judge-servers")
     services = []
     try:
-        if (ROOT / "model_worker.py").exists():
-            controller = start_controller(log_dir)
-            services.append(controller)
-            services.append(start_worker(controller.url, log_dir))
-            services.append(start_openai_server(controller.url, log_dir))
-            stack = "fastchat"
-        else:
-            port = free_port()
-            own = start_process(f"openai-test-{port}", [str(ROOT / "tests" / "eval_helpers.py"), "--port", str(port)],
-                                log_dir, f"http://127.0.0.1:{port}")
-            services.append(own)
-            wait_http(own.url + "/v1/models", SERVER_START_TIMEOUT_S, "GET", own.proc)
-            stack = "own"
+        controller = start_controller(log_dir)
+        services.append(controller)
+        services.append(start_worker(controller.url, log_dir))
+        services.append(start_openai_server(controller.url, log_dir))
         base = services[-1].url + "/v1"
-        model = http_json(base + "/models", method="GET")["data"][0]["id"]
-        yield base, model, stack
+        yield base, http_json(base + "/models", method="GET")["data"][0]["id"]
     finally:
         stop_all(reversed(services))
 
@@ -60,7 +50,7 @@ def answer_files(tmp_path):
 
 
 def test_judge_both_orders_keeps_unparseable_reviews_and_resumes(judge_endpoint, tmp_path, capsys):
-    base, model, stack = judge_endpoint
+    base, model = judge_endpoint
     a, b = answer_files(tmp_path)
     out = tmp_path / "review.jsonl"
     args = ["judge", "--answers", str(a), str(b), "--names", "alpha", "beta", "--output", str(out),
@@ -71,7 +61,7 @@ def test_judge_both_orders_keeps_unparseable_reviews_and_resumes(judge_endpoint,
     rows = read_jsonl(out)
     assert [(r["question_id"], r["order"]) for r in rows] == [(1, FORWARD), (1, REVERSE), (2, FORWARD), (2, REVERSE)]
     for r in rows:
-        assert r["review"].strip(), f"empty review from the {stack} endpoint"
+        assert r["review"].strip(), "empty review"
         assert set(r) >= {"question_id", "question", "category", "system1", "system2", "review", "score", "result"}
         # The stored result is exactly what the review says; nothing is guessed.
         assert r["result"] == result_of(parse_review(r["review"]))
@@ -89,7 +79,7 @@ def test_judge_both_orders_keeps_unparseable_reviews_and_resumes(judge_endpoint,
 
     chart = tmp_path / "chart.png"
     assert main(["summarize", "--reviews", str(out), "--chart", str(chart), "--json"]) == 0
-    summary = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     overall = summary["categories"]["overall"]
     assert sum(overall.values()) == 2
     bad_questions = {r["question_id"] for r in rows if r["result"] == UNPARSEABLE}
@@ -100,7 +90,8 @@ def test_judge_both_orders_keeps_unparseable_reviews_and_resumes(judge_endpoint,
 def test_judge_endpoint_errors_are_one_line(tmp_path, capsys):
     a, b = answer_files(tmp_path)
     code = main(["judge", "--answers", str(a), str(b), "--output", str(tmp_path / "r.jsonl"),
-                 "--judge-base-url", f"http://127.0.0.1:{free_port()}/v1", "--judge-model", "x", "--judge-retries", "0", "--no-progress"])
+                 "--judge-base-url", f"http://127.0.0.1:{free_port()}/v1", "--judge-model", "x",
+                 "--judge-retries", "0", "--no-progress"])
     assert code == 2
     err = capsys.readouterr().err
     assert "error: judge endpoint" in err and "Traceback" not in err

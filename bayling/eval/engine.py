@@ -11,7 +11,7 @@ from ..generation import PromptTooLongError
 from ..loading import LoadedModel, add_model_args, load_model, model_args_from
 from ..output import StreamChunk
 from ..params import GenerationParams
-from ..templates import USER, Conversation, Template, choose_template, get_template, params_for_template
+from ..templates import ASSISTANT, USER, Conversation, Template, choose_template, get_template, params_for_template
 from .batch import generate_batch
 from .io import ResumableWriter, progress, windows
 
@@ -85,7 +85,7 @@ class Engine:
         for i, turn in enumerate(turns):
             conv.add(USER, turn)
             if i < len(answers):
-                conv.add("assistant", answers[i])
+                conv.add(ASSISTANT, answers[i])
         return conv
 
     def reply(self, conversations: Sequence[Conversation],

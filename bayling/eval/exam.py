@@ -19,7 +19,8 @@ TASKS = ENGLISH_QA + CHINESE_QA + ENGLISH_CLOZE + CHINESE_CLOZE
 SETTING = "zero-shot"
 
 # Upstream BayLing's zero-shot wording (exp/examination/*/inputs): passage, question, options, format request.
-EN_QA = "{passage}Question:\n{question}\nChoices:\n{options}\n\nAnswer:\nOutput the correct answer in this format: \"Answer is choice ()\""
+EN_QA = ("{passage}Question:\n{question}\nChoices:\n{options}\n\nAnswer:\n"
+         "Output the correct answer in this format: \"Answer is choice ()\"")
 ZH_QA = "{passage}问题：\n{question}\n选项：\n{options}\n\n答案：\n按照此格式输出正确答案：\"答案是选项()\""
 EN_CLOZE = "{passage}Question: {question}\nAnswer: The answer is"
 ZH_CLOZE = "{passage}问题：{question}\n答案："
