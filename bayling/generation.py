@@ -88,7 +88,8 @@ def generate_stream(model: Any, tokenizer: Any, prompt: Union[str, Sequence[int]
             delta = out.finish(FINISH_ABORT)
             yield out.chunk(delta)
             return
-        result = model(input_ids=input_ids, past_key_values=past, use_cache=True)
+        # Only the last position's logits are needed: a long prompt would otherwise cost [S, V] floats.
+        result = model(input_ids=input_ids, past_key_values=past, use_cache=True, logits_to_keep=1)
         past = result.past_key_values
         token = sample_next(result.logits[0, -1], params, seen[:n_seen], generator)
         seen[n_seen] = token
