@@ -321,7 +321,7 @@ SLOW_MERGE = """
 import runpy, sys, time
 import bayling.delta.merge as merge
 compute = merge.compute
-merge.compute = lambda *a: (time.sleep(0.1), compute(*a))[1]
+merge.compute = lambda *a: (time.sleep(0.3), compute(*a))[1]
 sys.argv = ["apply_delta.py"] + sys.argv[1:]
 runpy.run_path("apply_delta.py", run_name="__main__")
 """
@@ -339,7 +339,7 @@ def test_killed_merge_leaves_nothing(pair, tmp_path, sig):
         time.sleep(0.02)
     proc.send_signal(sig)
     rc = proc.wait(timeout=60)
-    assert rc != 0
+    assert rc != 0, proc.stderr.read()[-2000:]
     if sig == signal.SIGINT:
         assert "error: interrupted; nothing was written" in proc.stderr.read()
     # After SIGKILL the watchdog process removes the folder: give it a moment.

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from bayling.params import GenerationParams
-from bayling.serve.web import (STOPPED_NOTE, Session, Streams, build_payload, log_path, parse_auth, read_params,
-                               render_chat, translation_instruction, vote_record, append_log)
+from bayling.serve.web import parse_auth
+from bayling.serve.web_state import (STOPPED_NOTE, Session, Streams, append_log, build_payload, log_path,
+                                     read_params, render_chat, translation_instruction, vote_record)
 from bayling.demo import DEMO_NAME
 from bayling.serve.web_client import (CONTROLLER_DOWN, WORKER_GONE, ControllerClient, ServeError, generate_stream,
                                       parse_chunk, split_stream, until_set)
