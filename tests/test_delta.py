@@ -17,6 +17,7 @@ from delta_helpers import (bits_equal, edit_shard, leftovers, load_folder, load_
                            reference_model, save_model, tiny_config, to_bin_shards)
 
 from bayling.delta import DeltaError, DeltaJob, run
+from bayling.serve.launch import default_sigint
 from bayling.delta.formats import read_tensor, torch_bin_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -332,7 +333,8 @@ def test_killed_merge_leaves_nothing(pair, tmp_path, sig):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, "--base-model-path", str(pair.base),
                              "--target-model-path", str(out), "--delta-path", str(pair.delta),
-                             "--max-shard-size", "100KB"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                             "--max-shard-size", "100KB"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)  # CI may start us with SIGINT ignored
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".out.partial-*/model-*.safetensors")):
         assert proc.poll() is None and time.monotonic() < deadline, "the merge ended before it could be killed"

@@ -13,6 +13,7 @@ import requests
 import torch
 
 from bayling.generation import encode_prompt, generate
+from bayling.serve.launch import default_sigint
 from bayling.params import GenerationParams
 from bayling.templates import Conversation, Message, get_template
 from stack import (ROOT, free_port, http_json, start_controller, start_openai_server, start_worker, stop_all,
@@ -266,7 +267,7 @@ def test_one_command_starts_and_stops_the_stack(tmp_path):
            "--log-dir", str(tmp_path), "--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_sigint)
     try:
         lines = []
         for line in proc.stdout:

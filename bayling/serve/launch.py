@@ -37,6 +37,15 @@ def port_in_use(port: int, host: str = HOST) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def default_sigint() -> None:
+    """In a child before exec: Ctrl-C's default action back, so our SIGINT stops it.
+
+    A launcher started in the background by a non-interactive shell (nohup, CI) inherits SIGINT
+    ignored, and so would every child; Python then never raises KeyboardInterrupt.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_http(url: str, timeout: float = 60.0, method: str = "GET", proc: Optional[subprocess.Popen] = None) -> None:
     """Wait until url gives any HTTP reply below 500 (the server is up).
 
@@ -124,7 +133,7 @@ def start_process(name: str, args: Sequence[str], log_dir: Path, url: str, *, en
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, cwd=str(cwd or ROOT), env=child_env(log_dir, env),
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=default_sigint)
     return Service(name, proc, url, log_path, stop_grace)
 
 
