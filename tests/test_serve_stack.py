@@ -285,5 +285,14 @@ def test_one_command_starts_and_stops_the_stack(tmp_path):
                 wait_http(f"http://127.0.0.1:{port}/", timeout=0.5)
     finally:
         if proc.poll() is None:
+            # The children run in sessions of their own: find them before the launcher goes.
+            import psutil
+
+            children = psutil.Process(proc.pid).children(recursive=True)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            for child in children:
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
