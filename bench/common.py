@@ -52,11 +52,11 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
 
-def write_result(name: str, payload: dict) -> Path:
-    """Write bench/results/NAME.json with the command, machine and date first."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_result(name: str, payload: dict, folder: Path = RESULTS) -> Path:
+    """Write FOLDER/NAME.json with the command, machine and date first (payload may refine machine)."""
+    folder.mkdir(parents=True, exist_ok=True)
     doc = {"command": command_line(), "machine": machine(),
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **payload}
-    path = RESULTS / f"{name}.json"
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     return path

@@ -14,16 +14,15 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 RESULT = ROOT / "bench" / "results" / "delta.json"
 # About 0.74 B parameters: 1.5 GB in fp16, with LLaMA's vocabulary and layer shapes scaled down.
 BENCH_CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=12,
@@ -158,18 +157,6 @@ def outputs_identical(a: Path, b: Path) -> bool:
     return True
 
 
-def machine() -> dict:
-    import torch
-    import transformers
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(mem / 2**30, 1), "os": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "note": "shared with other engineers' jobs while measuring; wall times are noisy"}
-
-
 def summarise(runs: list[dict]) -> dict:
     # Wall: the fastest run (others' jobs only ever add time). RSS: the highest (the conservative one).
     return {"runs": runs, "wall_s": min(r["wall_s"] for r in runs),
@@ -191,11 +178,11 @@ def main() -> None:
         results = bench(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    info = machine() | {"load_avg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
-    report = {"command": ".venv/bin/python bench/delta.py", "machine": info,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    from bench.common import machine, write_result
+
+    info = machine() | {"load_avg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                        "note": "shared with other engineers' jobs while measuring; wall times are noisy"}
+    write_result(args.out.stem, {"machine": info, "results": results}, folder=args.out.parent)
     print(json.dumps(results["targets"], indent=2))
 
 
