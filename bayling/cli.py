@@ -10,10 +10,11 @@ from .params import GenerationParams
 from .templates import get_template
 
 
-def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
+def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int = 512,
+                        temperature: float = 0.7) -> argparse._ArgumentGroup:
     """Sampling flags; both spellings of repetition penalty, as upstream BayLing accepts."""
     g = parser.add_argument_group("generation")
-    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     g.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=1.0)
     g.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=0, help="0 = off")
     g.add_argument("--repetition-penalty", "--repetition_penalty", dest="repetition_penalty", type=float,
@@ -23,6 +24,7 @@ def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int = 5
     g.add_argument("--conv-template", default=None,
                    help="BayLing, BayLing-3 or tokenizer (default: chosen from the model name)")
     g.add_argument("--system", default=None, help="system prompt (default: the template's)")
+    return g
 
 
 def params_from(ns: argparse.Namespace) -> GenerationParams:

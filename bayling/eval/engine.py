@@ -8,10 +8,11 @@ from typing import Any, Callable, Optional, Sequence
 
 from ..context import fit_conversation
 from ..generation import PromptTooLongError
+from ..cli import add_generation_args, params_from
 from ..loading import LoadedModel, add_model_args, load_model, model_args_from
 from ..output import StreamChunk
 from ..params import GenerationParams
-from ..templates import ASSISTANT, USER, Conversation, Template, choose_template, get_template, params_for_template
+from ..templates import ASSISTANT, USER, Conversation, Template, choose_template, params_for_template
 from .batch import generate_batch
 from .io import ResumableWriter, progress, windows
 
@@ -23,15 +24,7 @@ DEFAULT_BATCH_SIZE = 8
 def add_engine_args(parser: argparse.ArgumentParser, max_new_tokens: int = 512) -> None:
     """Model, template, sampling and batching flags. Evaluation defaults to greedy decoding."""
     add_model_args(parser)
-    g = parser.add_argument_group("generation")
-    g.add_argument("--conv-template", default=None,
-                   help="BayLing, BayLing-3 or tokenizer (default: chosen from the model name)")
-    g.add_argument("--system", default=None, help="system prompt (default: the template's)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (reproducible)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g = add_generation_args(parser, max_new_tokens, temperature=0.0)
     g.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
     g.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="prompts decoded together in one forward pass per step")
@@ -58,10 +51,7 @@ class Engine:
         """Validate the flags (before loading anything), then load the model."""
         if ns.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {ns.batch_size}")
-        if ns.conv_template:
-            get_template(ns.conv_template)
-        params = GenerationParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
-                                  repetition_penalty=ns.repetition_penalty, max_new_tokens=ns.max_new_tokens)
+        params = params_from(ns)  # also checks --conv-template
         return cls.from_loaded(load_model(model_args_from(ns)), params, conv_template=ns.conv_template,
                                system=ns.system, batch_size=ns.batch_size, name=ns.model_name,
                                show_progress=not ns.no_progress, seed=ns.seed)
