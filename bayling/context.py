@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .generation import PromptTooLongError, encode_prompt
+from .tokens import PromptTooLongError, encode_prompt
 from .templates import USER, Conversation
 
 

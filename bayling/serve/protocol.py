@@ -9,7 +9,7 @@ from typing import Any, Optional
 from fastchat.constants import ErrorCode
 
 from ..context import fit_conversation
-from ..generation import PromptTooLongError, check_prompt_fits, encode_prompt
+from ..tokens import PromptTooLongError, check_prompt_fits, encode_prompt
 from ..output import StreamChunk
 from ..params import GenerationParams
 from ..templates import ASSISTANT, SYSTEM, USER, Conversation, Message, Template, params_for_template

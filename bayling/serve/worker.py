@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastchat.constants import WORKER_HEART_BEAT_INTERVAL, ErrorCode
 
-from ..generation import encode_prompt
+from ..tokens import encode_prompt
 from ..loading import LoadedModel
 from ..output import StreamChunk
 from ..templates import choose_template
