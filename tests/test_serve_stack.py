@@ -23,6 +23,7 @@ MODEL = "SmolLM2-135M-Instruct"
 CHAT_PROMPT = "<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n"
 STOCK_KEYS = ["text", "error_code", "usage", "finish_reason", "logprobs"]
 TIMEOUT = 120
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -200,11 +201,11 @@ def test_two_concurrent_streams_share_decode_steps(stack):
 ])
 def test_bad_requests_get_error_codes(stack, body, code):
     for path in ("/worker_generate_stream", "/worker_generate"):
-        r = requests.post(stack["worker"].url + path, data=body, timeout=30)
+        r = requests.post(stack["worker"].url + path, data=body, headers=JSON, timeout=30)
         assert r.status_code == 200
         reply = json.loads(r.content.rstrip(b"\0"))
         assert reply["error_code"] == code and reply["text"] and "Traceback" not in reply["text"]
-    r = requests.post(stack["api"].url + "/v1/completions", data=body, timeout=30)
+    r = requests.post(stack["api"].url + "/v1/completions", data=body, headers=JSON, timeout=30)
     assert r.status_code == 400 and r.json()["code"] in (code, 40001)
 
 

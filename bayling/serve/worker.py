@@ -1,7 +1,7 @@
 """The model worker: FastChat's worker protocol over the batching engine, plus controller registration.
 
-Endpoints (all POST, as FastChat's clients call them): /worker_generate_stream, /worker_generate,
-/worker_get_status, /count_token, /worker_get_conv_template, /model_details.
+This module holds the worker's flags and the Worker (engine, request preparation, registration);
+bayling/serve/worker_app.py holds its HTTP routes, health, metrics and the SIGTERM drain.
 """
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
 import requests
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import Request
 from fastchat.constants import WORKER_HEART_BEAT_INTERVAL, ErrorCode
 
 from ..tokens import encode_prompt
@@ -24,16 +25,20 @@ from ..loading import LoadedModel
 from ..output import StreamChunk
 from ..templates import choose_template
 from .engine import DEFAULT_MAX_BATCH, Engine
-from .protocol import Prepared, RequestError, chunk_payload, encode, error_payload, fastchat_conv, parse_body, \
-    prepare_request
+from .limits import Limits, add_limit_args, check_limits, check_text, limits_from, read_body
+from .metrics import ServeMetrics
+from .protocol import Prepared, RequestError, error_payload, fastchat_conv, parse_body, prepare_request
 
 log = logging.getLogger("bayling.serve.worker")
 
 HEART_BEAT_INTERVAL_S = WORKER_HEART_BEAT_INTERVAL  # FastChat's value; FASTCHAT_WORKER_HEART_BEAT_INTERVAL overrides
 CONTROLLER_TIMEOUT_S = 5
-DISCONNECT_POLL_S = 0.2  # how soon a silent stream notices that its client left
+DISCONNECT_POLL_S = 0.2  # how soon a request notices that its client left
 DEFAULT_PORT = 21002
 DEFAULT_CONTROLLER = "http://localhost:21001"
+DEFAULT_DRAIN_S = 30.0
+# Templating, tokenizing and fitting a request run on these threads, never on the event loop.
+PREPARE_THREADS = 4
 
 
 @dataclass
@@ -50,6 +55,8 @@ class WorkerConfig:
     stream_interval: int = 2
     no_register: bool = False
     worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    limits: Limits = field(default_factory=Limits)
+    drain_s: float = DEFAULT_DRAIN_S  # on SIGTERM, how long in-flight requests may run on
 
     @property
     def address(self) -> str:
@@ -57,7 +64,7 @@ class WorkerConfig:
 
 
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
-    """The flags of FastChat's model_worker that ours shares."""
+    """The flags of FastChat's model_worker that ours shares, plus request limits and the drain period."""
     g = parser.add_argument_group("worker")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=DEFAULT_PORT)
@@ -70,13 +77,18 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
                    help="most requests decoded together; more wait in a queue")
     g.add_argument("--stream-interval", type=int, default=2, help="send a chunk every N tokens")
     g.add_argument("--no-register", action="store_true", help="do not register with the controller")
+    g.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_S,
+                   help=f"on SIGTERM, let in-flight requests finish for up to this many seconds, then abort them "
+                        f"with an error (default {DEFAULT_DRAIN_S:g})")
+    add_limit_args(parser)
 
 
 def worker_config_from(ns: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(host=ns.host, port=ns.port, worker_address=ns.worker_address,
                         controller_address=ns.controller_address.rstrip("/"), model_names=ns.model_names,
                         conv_template=ns.conv_template, limit_worker_concurrency=ns.limit_worker_concurrency,
-                        stream_interval=ns.stream_interval, no_register=ns.no_register)
+                        stream_interval=ns.stream_interval, no_register=ns.no_register, limits=limits_from(ns),
+                        drain_s=ns.drain_timeout)
 
 
 class Worker:
@@ -94,6 +106,10 @@ class Worker:
         if self.conv_problem:
             log.warning("%s; FastChat's OpenAI server cannot be used with this model, "
                         "use `python -m bayling.serve.openai_api` instead", self.conv_problem)
+        self.metrics = ServeMetrics("bayling_worker", self.engine.status)
+        self.draining = False  # set on SIGTERM: no new requests, in-flight ones finish or are cut off
+        self._inflight: set[asyncio.Queue] = set()
+        self._pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
         self._stop = threading.Event()
         self._heart_beat: Optional[threading.Thread] = None
 
@@ -107,10 +123,21 @@ class Worker:
     def stop(self) -> None:
         self._stop.set()
         self.engine.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def status(self) -> dict:
         return {"model_names": self.model_names, "speed": 1, "queue_length": self.engine.queue_length,
                 "worker_id": self.config.worker_id, "batching": self.engine.status()}
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def fail_inflight(self, error: BaseException) -> int:
+        """End every in-flight request with `error` (its engine slot is freed as its stream ends)."""
+        for queue in list(self._inflight):
+            queue.put_nowait(error)
+        return len(self._inflight)
 
     def register(self) -> bool:
         """Tell the controller about this worker; False (logged) when it cannot be reached."""
@@ -130,6 +157,8 @@ class Worker:
     def _heart_beat_loop(self) -> None:
         registered = self.register()
         while not self._stop.wait(HEART_BEAT_INTERVAL_S if registered else min(HEART_BEAT_INTERVAL_S, 5)):
+            if self.draining:
+                continue  # let the controller forget us
             if not registered:
                 registered = self.register()
                 continue
@@ -144,8 +173,17 @@ class Worker:
                 log.warning("heart beat to %s failed: %s", self.config.controller_address, e)
 
     # --- requests ----------------------------------------------------------------------------
-    def prepare(self, body: bytes) -> Prepared:
-        return prepare_request(parse_body(body), self.template, self.lm.tokenizer, self.lm.context_len)
+    def prepare_body(self, body: bytes) -> Prepared:
+        """Parse, check and tokenize a generate request (blocking: runs on a prepare thread)."""
+        data = parse_body(body)
+        check_text(data)
+        check_limits(data, self.config.limits)
+        return prepare_request(data, self.template, self.lm.tokenizer, self.lm.context_len)
+
+    async def prepare(self, request: Request) -> Prepared:
+        """Read (bounded) and prepare a request off the event loop."""
+        body = await read_body(request, self.config.limits.max_request_bytes)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.prepare_body, body)
 
     async def stream(self, prepared: Prepared, request: Optional[Request] = None) -> AsyncIterator[StreamChunk]:
         """Run one request on the engine; abort it as soon as its client disconnects."""
@@ -157,13 +195,21 @@ class Worker:
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
         handle = self.engine.submit(prepared.input_ids, prepared.params, sink, prepared.prompt_text)
+        self._inflight.add(queue)
+        next_poll = time.monotonic() + DISCONNECT_POLL_S
         try:
             while True:
                 try:
                     event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
+                    event = None
+                # Polled by the clock, not only when idle: a non-streaming request never writes until
+                # its end, so only this notices that its client left while tokens keep coming.
+                if request is not None and time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + DISCONNECT_POLL_S
+                    if await request.is_disconnected():
                         return
+                if event is None:
                     continue
                 while not queue.empty() and not isinstance(event, BaseException):
                     event = queue.get_nowait()  # text is cumulative: only the newest chunk matters
@@ -173,13 +219,20 @@ class Worker:
                 if event.finish_reason is not None:
                     return
         finally:
+            self._inflight.discard(queue)
             handle.abort()  # no-op when finished; frees the slot when the client went away
 
-    def count_tokens(self, body: bytes) -> dict:
+    def count_tokens_body(self, body: bytes) -> dict:
         data = parse_body(body)
+        check_text(data)
+        check_limits(data, self.config.limits)
         if not isinstance(data.get("prompt"), str):
             raise RequestError(ErrorCode.VALIDATION_TYPE_ERROR, "count_token needs 'prompt' (a string)")
         return {"count": len(encode_prompt(self.lm.tokenizer, data["prompt"])), "error_code": 0}
+
+    async def count_tokens(self, request: Request) -> dict:
+        body = await read_body(request, self.config.limits.max_request_bytes)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.count_tokens_body, body)
 
 
 def error_reply(e: BaseException) -> dict:
@@ -193,96 +246,30 @@ def error_reply(e: BaseException) -> dict:
     return error_payload(code, f"the model worker failed: {type(e).__name__}: {e}")
 
 
-async def _stream_bytes(worker: Worker, prepared: Prepared, request: Request) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in worker.stream(prepared, request):
-            yield encode(chunk_payload(chunk, prepared.extra))
-    except Exception as e:
-        yield encode(error_reply(e))
-
-
-def create_app(worker: Worker) -> FastAPI:
-    """The worker's HTTP app; starting it starts the engine and the heart beat."""
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        worker.start()
-        yield
-        worker.stop()
-
-    app = FastAPI(title="BayLing model worker", lifespan=lifespan)
-    app.state.worker = worker
-
-    @app.post("/worker_generate_stream")
-    async def generate_stream(request: Request) -> Response:
-        w: Worker = request.app.state.worker
-        try:
-            prepared = w.prepare(await request.body())
-        except RequestError as e:
-            return Response(encode(error_reply(e)))
-        return StreamingResponse(_stream_bytes(w, prepared, request))
-
-    @app.post("/worker_generate")
-    async def generate(request: Request) -> JSONResponse:
-        w: Worker = request.app.state.worker
-        try:
-            prepared = w.prepare(await request.body())
-            last = None
-            async for last in w.stream(prepared, request):
-                pass
-            if last is None:
-                raise RequestError(ErrorCode.INTERNAL_ERROR, "the client disconnected")
-            return JSONResponse(chunk_payload(last, prepared.extra))
-        except Exception as e:
-            return JSONResponse(error_reply(e))
-
-    @app.post("/worker_get_status")
-    async def get_status(request: Request) -> dict:
-        return request.app.state.worker.status()
-
-    @app.post("/count_token")
-    async def count_token(request: Request) -> JSONResponse:
-        try:
-            return JSONResponse(request.app.state.worker.count_tokens(await request.body()))
-        except RequestError as e:
-            return JSONResponse(error_reply(e))
-
-    @app.post("/worker_get_conv_template")
-    async def get_conv_template(request: Request) -> dict:
-        return {"conv": request.app.state.worker.conv}
-
-    @app.post("/model_details")
-    async def model_details(request: Request) -> dict:
-        return {"context_length": request.app.state.worker.lm.context_len}
-
-    return app
-
-
-def run_worker(lm: LoadedModel, config: WorkerConfig) -> None:
-    """Serve the worker until interrupted."""
-    import uvicorn
-
-    app = create_app(Worker(lm, config))
-    log.info("model worker %s serving %s on %s", config.worker_id, lm.name, config.address)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     """`python -m bayling.serve.worker` (the same as `python model_worker.py`)."""
     import sys
 
-    from ..loading import ModelLoadError, add_model_args, load_model, model_args_from
+    from ..loading import add_model_args, load_model, model_args_from
+    from .supervise import watch_parent
+    from .worker_app import run_worker
 
     parser = argparse.ArgumentParser(description="BayLing model worker (FastChat protocol, batched decoding)")
     add_model_args(parser)
     add_worker_args(parser)
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    watch_parent()
     try:
-        lm = load_model(model_args_from(ns))
-        run_worker(lm, worker_config_from(ns))
-    except (ModelLoadError, ValueError) as e:
+        config = worker_config_from(ns)
+        if config.limit_worker_concurrency < 1:
+            raise ValueError(f"--limit-worker-concurrency must be >= 1, got {config.limit_worker_concurrency}")
+        args = model_args_from(ns)
+    except ValueError as e:
         sys.exit(f"error: {e}")
+    # The model loads while the server already answers (/health 503), so supervisors can tell
+    # "loading" from "dead"; a load error ends the process with the message.
+    sys.exit(run_worker(lambda: load_model(args), config))
 
 
 if __name__ == "__main__":
