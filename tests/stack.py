@@ -103,11 +103,12 @@ def wait_registered(controller_url: str, worker_url: str, timeout: float = 30.0)
 
 
 def start_openai_server(controller_url: str, log_dir: Path, port: Optional[int] = None, *, ours: bool = False,
-                        timeout: float = 60.0) -> Service:
+                        args: Iterable[str] = (), timeout: float = 60.0) -> Service:
     """An OpenAI-compatible server: FastChat's (`fastchat.serve.openai_api_server`) or ours (ours=True)."""
     port = port or free_port()
     module = "bayling.serve.openai_api" if ours else "fastchat.serve.openai_api_server"
     svc = start_process(f"openai-{'ours' if ours else 'fastchat'}-{port}",
-                        ["-m", module, "--host", HOST, "--port", str(port), "--controller-address", controller_url],
+                        ["-m", module, "--host", HOST, "--port", str(port), "--controller-address", controller_url,
+                         *args],
                         log_dir, f"http://{HOST}:{port}", env=OFFLINE)
-    return ensure_started(svc, "/v1/models", timeout)
+    return ensure_started(svc, "/metrics" if ours else "/v1/models", timeout)
