@@ -155,10 +155,12 @@ def test_our_openai_server_streams(stack):
         assert r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    # With include_usage, OpenAI's shape: usage comes in one last chunk with no choices.
+    usage_event, events = events[-1], events[:-1]
+    assert usage_event["choices"] == [] and usage_event["usage"] == whole["usage"]
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
     assert text == whole["choices"][0]["message"]["content"]
     assert events[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
-    assert events[-1]["usage"] == whole["usage"]
 
     with requests.post(api + "/v1/completions", json={"model": MODEL, "prompt": "Once upon a time", "stream": True,
                                                        "temperature": 0, "max_tokens": 8},
