@@ -1,5 +1,6 @@
 """`python -m bayling.serve`: controller, model worker and web page (and an OpenAI API) in one command."""
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -22,11 +23,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="also start an OpenAI-compatible API: FastChat's server (default) or ours "
                              "(bayling: also streams)")
     parser.add_argument("--openai-port", type=int, default=8000)
-    parser.add_argument("--log-dir", type=Path, default=Path("logs"), help="where each process logs")
+    parser.add_argument("--log-dir", type=Path, default=Path("logs"),
+                        help="where each process logs (and the web page writes its vote logs)")
+    parser.add_argument("--api-key", default=os.environ.get("BAYLING_API_KEY") or None,
+                        help="require 'Authorization: Bearer KEY' on the OpenAI API (default $BAYLING_API_KEY)")
+    parser.add_argument("--allowed-origins", default=None,
+                        help="comma-separated origins whose pages may call our OpenAI API (CORS; default none)")
+    parser.add_argument("--auth", metavar="USER:PASS", default=None, help="the web page's login")
+    parser.add_argument("--restarts-per-minute", type=int, default=5,
+                        help="restart a dead model worker (with backoff) at most this often, then give up")
     args, worker_args = parser.parse_known_args(argv)
     plan = StackPlan(host=args.host, controller_port=args.controller_port, worker_port=args.worker_port,
                      web_port=args.web_port, openai_port=args.openai_port, openai_api=args.openai_api,
-                     worker_args=worker_args, log_dir=args.log_dir, web=not args.no_web)
+                     worker_args=worker_args, log_dir=args.log_dir, web=not args.no_web,
+                     api_key=args.api_key, allowed_origins=args.allowed_origins, auth=args.auth,
+                     restarts_per_minute=args.restarts_per_minute)
     return run_stack(plan)
 
 

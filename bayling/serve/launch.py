@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from .supervise import RestartBudget, child_preexec
+
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 STOP_GRACE_S = 5.0
@@ -115,9 +117,13 @@ def _killpg(pid: int, sig: int) -> None:
 
 
 def child_env(log_dir: Path, extra: Optional[dict] = None) -> dict:
-    """A child's environment: FastChat's log files in log_dir, this checkout importable, unbuffered output."""
+    """A child's environment: FastChat's log files in log_dir, this checkout importable, unbuffered output,
+    and the launcher's pid (our children exit when it is gone: bayling.serve.supervise.watch_parent)."""
+    from .supervise import PARENT_ENV
+
     env = dict(os.environ)
-    env.update({"LOGDIR": str(log_dir), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update({"LOGDIR": str(log_dir), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+                PARENT_ENV: str(os.getpid())})
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in paths if p != str(ROOT)])
     env.update({k: str(v) for k, v in (extra or {}).items()})
@@ -133,7 +139,7 @@ def start_process(name: str, args: Sequence[str], log_dir: Path, url: str, *, en
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, cwd=str(cwd or ROOT), env=child_env(log_dir, env),
-                                start_new_session=True, preexec_fn=default_sigint)
+                                start_new_session=True, preexec_fn=child_preexec(os.getpid()))
     return Service(name, proc, url, log_path, stop_grace)
 
 
@@ -178,6 +184,10 @@ class StackPlan:
     log_dir: Path = Path("logs")
     web: bool = True
     worker_timeout: float = 900.0  # a first start may convert the demo model or load a 13B model
+    api_key: Optional[str] = None  # for the OpenAI API
+    allowed_origins: Optional[str] = None  # for the OpenAI API (CORS)
+    auth: Optional[str] = None  # USER:PASS for the web page
+    restarts_per_minute: int = 5  # of a dead worker
 
 
 # Each starter appends its service to `started` before waiting on it, so a Ctrl-C during a long
@@ -220,8 +230,10 @@ def _web(plan: StackPlan, controller: str, started: list[Service]) -> Optional[S
         print(f"(no {script.name} in {ROOT}: starting without the web page)", file=sys.stderr)
         return None
     url = f"http://{plan.host}:{plan.web_port}"
-    svc = start_process("web_server", [str(script), "--host", plan.host, "--port", str(plan.web_port),
-                                       "--controller-url", controller], plan.log_dir, url)
+    args = [str(script), "--host", plan.host, "--port", str(plan.web_port), "--controller-url", controller,
+            "--log-dir", str(plan.log_dir)]
+    args += ["--auth", plan.auth] if plan.auth else []
+    svc = start_process("web_server", args, plan.log_dir, url)
     started.append(svc)
     return ensure_started(svc, "/", 180)
 
@@ -229,10 +241,16 @@ def _web(plan: StackPlan, controller: str, started: list[Service]) -> Optional[S
 def _openai(plan: StackPlan, controller: str, started: list[Service]) -> Service:
     module = "bayling.serve.openai_api" if plan.openai_api == "bayling" else "fastchat.serve.openai_api_server"
     url = f"http://{plan.host}:{plan.openai_port}"
-    svc = start_process("openai_api", ["-m", module, "--host", plan.host, "--port", str(plan.openai_port),
-                                       "--controller-address", controller], plan.log_dir, url)
+    args = ["-m", module, "--host", plan.host, "--port", str(plan.openai_port), "--controller-address", controller]
+    if plan.openai_api == "bayling":
+        args += ["--allowed-origins", plan.allowed_origins] if plan.allowed_origins else []
+    env = {"BAYLING_API_KEY": plan.api_key} if plan.api_key else None  # not on the command line: ps shows it
+    if plan.api_key and plan.openai_api != "bayling":
+        args += ["--api-keys", plan.api_key]  # FastChat's server's flag
+        env = None
+    svc = start_process("openai_api", args, plan.log_dir, url, env=env)
     started.append(svc)
-    return ensure_started(svc, "/v1/models", 60)
+    return ensure_started(svc, "/metrics" if plan.openai_api == "bayling" else "/v1/models", 60)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -267,12 +285,29 @@ def run_stack(plan: StackPlan) -> int:
         if web is not None:
             print(f"web page     {web.url}", flush=True)
         print(f"logs in {plan.log_dir.resolve()}; Ctrl-C stops everything", flush=True)
-        while all(s.alive for s in services):
+        budget = RestartBudget(plan.restarts_per_minute)
+        while True:
             time.sleep(0.5)
-        dead = [s for s in services if not s.alive]
-        print(f"error: {dead[0].name} exited with code {dead[0].proc.returncode}; see {dead[0].log_path}",
-              file=sys.stderr)
-        return 1
+            dead = [s for s in services if not s.alive]
+            if not dead:
+                continue
+            if dead[0] is not worker:
+                print(f"error: {dead[0].name} exited with code {dead[0].proc.returncode}; see {dead[0].log_path}",
+                      file=sys.stderr)
+                return 1
+            # The worker died: restart it, keep the controller, the API and the page up.
+            delay = budget.next_delay()
+            if delay is None:
+                print(f"error: the model worker died {plan.restarts_per_minute} times within a minute; "
+                      f"see {worker.log_path}", file=sys.stderr)
+                return 1
+            print(f"model worker exited with code {worker.proc.returncode}; restarting in {delay:.0f} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(delay)
+            services.remove(worker)
+            worker = _worker(plan, controller.url, services)
+            budget.healthy()
+            print(f"model worker {worker.url} (restarted)", flush=True)
     except KeyboardInterrupt:
         print("\nstopping...", file=sys.stderr)
         return 0
