@@ -177,3 +177,30 @@ def test_stream_driver_close_aborts(tiny_llama):
     assert not engine.has_unfinished() and engine.stats.aborted == 1 and engine.kv_tokens_in_use() == 0
     ids = [t for o in stream(engine, Request("d", PROMPTS[0], GREEDY)) for t in o.token_ids]
     assert ids == reference(tiny_llama.model, PROMPTS[0])
+
+
+def test_eval_seed_gives_identical_files_at_any_batch_size(tiny_llama, tmp_path):
+    from bayling.eval.answer import answer_rows
+    from bayling.eval.data import load_questions
+    from bayling.eval.engine import EvalModel
+    from eval_helpers import ROOT
+
+    rows = load_questions(str(ROOT / "data" / "samples" / "questions.multiturn.en.jsonl"))
+    rows = rows + [{**r, "question_id": f"{r['question_id']}-b"} for r in rows] * 1
+    params = GenerationParams(temperature=1.0, max_new_tokens=12)
+    texts = []
+    for batch in (1, 8):
+        model = EvalModel.from_loaded(tiny_llama, params, batch_size=batch, show_progress=False, seed=5)
+        out = tmp_path / f"b{batch}.jsonl"
+        assert answer_rows(model, rows, out) == len(rows)
+        texts.append(out.read_text(encoding="utf-8"))
+    assert texts[0] == texts[1]
+    # resuming after the first row gives the same file too
+    first = texts[0].splitlines(keepends=True)[0]
+    resumed = tmp_path / "resumed.jsonl"
+    resumed.write_text(first, encoding="utf-8")
+    answer_rows(EvalModel.from_loaded(tiny_llama, params, batch_size=3, show_progress=False, seed=5), rows, resumed)
+    assert resumed.read_text(encoding="utf-8") == texts[0]
+    other = EvalModel.from_loaded(tiny_llama, params, batch_size=8, show_progress=False, seed=6)
+    answer_rows(other, rows, tmp_path / "other.jsonl")
+    assert (tmp_path / "other.jsonl").read_text(encoding="utf-8") != texts[0]
