@@ -223,3 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume", file=sys.stderr)
         return 130
+
+
+def run() -> None:
+    """The console command `bayling-eval`."""
+    sys.exit(main())
