@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from bayling.context import fit_conversation
-from bayling.generation import PromptTooLongError, encode_prompt, generate, generate_stream
+from bayling.generation import generate, generate_stream
+from bayling.tokens import PromptTooLongError, encode_prompt
 from bayling.params import GenerationParams
 from bayling.templates import Conversation, get_template
 
