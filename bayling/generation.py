@@ -5,7 +5,6 @@ import itertools
 import threading
 from typing import Any, Iterator, Optional, Sequence, Union
 
-from .engine.driver import build_engine, stream
 from .engine.request import OutputKind, Request
 from .output import StreamChunk
 from .params import GenerationParams
@@ -23,6 +22,8 @@ def generate_stream(model: Any, tokenizer: Any, prompt: Union[str, Sequence[int]
     (Ctrl-C in chat) aborts the request; so does setting `cancel` (the last chunk then has
     finish_reason "abort"). Pass `engine` to reuse one across calls.
     """
+    from .engine.driver import build_engine, stream  # torch: imported when a model is already loaded
+
     prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     check_prompt_fits(len(ids), context_len or context_length(model))
