@@ -24,7 +24,7 @@ from ..loading import LoadedModel
 from ..output import StreamChunk
 from ..templates import choose_template
 from .engine import DEFAULT_MAX_BATCH, Engine
-from .protocol import Prepared, RequestError, chunk_payload, encode, error_payload, fastchat_conv, parse_body, \
+from .protocol import Prepared, RequestError, canonical_prompt, chunk_payload, encode, error_payload, fastchat_conv, parse_body, \
     prepare_request
 
 log = logging.getLogger("bayling.serve.worker")
@@ -145,7 +145,10 @@ class Worker:
 
     # --- requests ----------------------------------------------------------------------------
     def prepare(self, body: bytes) -> Prepared:
-        return prepare_request(parse_body(body), self.template, self.lm.tokenizer, self.lm.context_len)
+        data = parse_body(body)
+        if isinstance(data.get("prompt"), str):  # FastChat's OpenAI server renders history as given
+            data["prompt"] = canonical_prompt(self.template, data["prompt"])
+        return prepare_request(data, self.template, self.lm.tokenizer, self.lm.context_len)
 
     async def stream(self, prepared: Prepared, request: Optional[Request] = None) -> AsyncIterator[StreamChunk]:
         """Run one request on the engine; abort it as soon as its client disconnects."""
