@@ -109,9 +109,9 @@ def _build_legacy_encoder(tokenizer: Any) -> Optional[LegacyEncoder]:
         # Only trust the file if it is this tokenizer's vocabulary.
         if eos is None or sp.piece_to_id(eos) == getattr(tokenizer, "eos_token_id", None):
             return LegacyEncoder(specials, sp.encode, bos_id, "sentencepiece")
-    # No tokenizer.model beside it: transformers 5 gives a text alone the dummy prefix, so encoding
-    # each segment separately reproduces the legacy ids as well.
-    return LegacyEncoder(specials, lambda s: tokenizer(s, add_special_tokens=False)["input_ids"], bos_id,
+    # No tokenizer.model beside it: encode each segment alone, written with the leading space that
+    # SentencePiece's dummy prefix adds (transformers' Metaspace adds "▁" only where there is none yet).
+    return LegacyEncoder(specials, lambda s: tokenizer(" " + s, add_special_tokens=False)["input_ids"], bos_id,
                          "per-segment")
 
 
