@@ -95,7 +95,9 @@ def cmd_exam(ns: argparse.Namespace) -> int:
 def cmd_score_exam(ns: argparse.Namespace) -> int:
     from .exam_score import format_scores, score_exam, scores_json
 
-    scores = score_exam(Path(ns.pred_dir), Path(ns.gold_dir), ns.model)
+    print(f"scoring rule: {ns.rule}" + (" (AGIEval's post_process, as the BayLing paper)" if ns.rule == "agieval"
+                                          else " (this project's stricter reading; not the paper's numbers)"))
+    scores = score_exam(Path(ns.pred_dir), Path(ns.gold_dir), ns.model, ns.rule)
     if not scores:
         raise ValueError(f"no task in {ns.pred_dir} could be scored against {ns.gold_dir}")
     _emit(format_scores(scores), scores_json(scores), ns.json)
@@ -186,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("score-exam", cmd_score_exam, "accuracy per AGIEval task")
     p.add_argument("--pred-dir", required=True)
-    p.add_argument("--gold-dir", required=True)
+    p.add_argument("--gold-dir", required=True,
+                   help="AGIEval data/v1 task files; the paper used them as of June 2023 (see docs/eval.md)")
+    p.add_argument("--rule", default="agieval", choices=("agieval", "strict"),
+                   help="answer extraction: AGIEval's (reproduces published numbers) or the project's stricter one")
     p.add_argument("--model", default=None, help="which model's predictions, if the folder holds several")
     p.add_argument("--json", action="store_true", help="last line: {task: accuracy_percent}")
 
