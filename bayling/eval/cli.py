@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..loading import ModelLoadError
-from .data import DATA_DIR
 from .engine import add_engine_args
 from .judge import JudgeError
 
@@ -26,7 +25,7 @@ def _engine(ns: argparse.Namespace):
 def cmd_fetch_data(ns: argparse.Namespace) -> int:
     from .data import fetch_data
 
-    failures = fetch_data(Path(ns.dest), ns.base_url, ns.force)
+    failures = fetch_data(Path(ns.dest) if ns.dest else None, ns.base_url, ns.force)
     return 1 if failures else 0
 
 
@@ -34,7 +33,12 @@ def cmd_answer(ns: argparse.Namespace) -> int:
     from .answer import answer_rows
     from .data import load_questions
 
-    rows = load_questions(ns.questions, ns.allow_modified)  # checked before the model loads
+    data_dir = Path(ns.data_dir) if ns.data_dir else None
+    rows = load_questions(ns.questions, ns.allow_modified, data_dir)  # checked before the model loads
+    if ns.limit is not None:
+        if ns.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {ns.limit}")
+        rows = rows[:ns.limit]
     done = answer_rows(_engine(ns), rows, Path(ns.output))
     print(f"{done} rows in {ns.output}")
     return 0
@@ -146,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("fetch-data", cmd_fetch_data, "download BayLing-80 from upstream and verify size and sha256")
-    p.add_argument("--dest", default=str(DATA_DIR), help="where to put the files")
+    p.add_argument("--dest", default=None,
+                   help="where to put the files (default: $BAYLING_DATA_DIR or ~/.local/share/bayling/BayLing-80)")
     p.add_argument("--base-url", default=None, help="another source folder/URL holding the four files")
     p.add_argument("--force", action="store_true", help="download again even if a file is present")
 
@@ -155,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a .jsonl file, or singleturn.en / singleturn.zh / multiturn.en / multiturn.zh")
     p.add_argument("--output", required=True, help="answers .jsonl (resumed if it exists)")
     p.add_argument("--allow-modified", action="store_true", help="accept an upstream file whose checksum differs")
+    p.add_argument("--data-dir", default=None,
+                   help="where short names resolve (default: as fetch-data --dest)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
 
     for name, handler, help_text, src_flag in (
             ("translate", cmd_translate, "translate a plain-text file, one hypothesis line per segment", "--src"),
