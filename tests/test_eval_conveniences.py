@@ -86,3 +86,14 @@ def test_answer_limit_must_be_positive(tmp_path, monkeypatch, capsys):
     assert main(["answer", "--questions", str(tmp_path / "q.jsonl"), "--output", str(tmp_path / "o.jsonl"),
                  "--limit", "0"]) == 2
     assert "--limit must be >= 1" in capsys.readouterr().err
+
+
+def test_japanese_bleu_works_out_of_the_box():
+    import sacrebleu
+
+    from bayling.eval.mt_scores import bleu_chrf
+
+    hyps, refs = ["猫がマットの上に座った。", "今日は良い天気です。"], ["猫はマットの上に座った。", "今日はいい天気です。"]
+    result = bleu_chrf(hyps, refs, "ja")
+    assert "tok:ja-mecab" in result["bleu_signature"]
+    assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs], tokenize="ja-mecab").score)
