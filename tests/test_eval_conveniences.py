@@ -97,3 +97,15 @@ def test_japanese_bleu_works_out_of_the_box():
     result = bleu_chrf(hyps, refs, "ja")
     assert "tok:ja-mecab" in result["bleu_signature"]
     assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs], tokenize="ja-mecab").score)
+
+
+def test_one_source_for_translation_instructions():
+    """The page's Translate tab and the eval's translate build the same instruction from the same names."""
+    from bayling.eval.translate import translation_instruction as eval_instruction
+    from bayling.serve.web_state import LANGUAGES, translation_instruction as page_instruction
+    from bayling.translation import CODES
+
+    for code, name in CODES.items():
+        assert page_instruction(" 你好 ", "Chinese", name) == eval_instruction("你好", code, "zh")
+        assert page_instruction("Hi", "English", name) == eval_instruction("Hi", code, "en")
+    assert LANGUAGES["German"] == "德语" and eval_instruction("你好", "ja", "zh") == "提供这句话的日语翻译：你好"

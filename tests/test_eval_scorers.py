@@ -29,7 +29,7 @@ def test_translation_instructions_are_upstreams():
     assert constrained_instruction("Nice day.", ["天气", "很好"], "zh") == \
         "Provide the Chinese translation for this sentence: Nice day.\nMake sure to include these words: 天气, 很好"
     assert constrained_instruction("天气很好。", ["nice", "day"], "en", "zh") == \
-        "提供这句话的英文翻译：天气很好。\n确保包含这些词：nice，day"
+        "提供这句话的英文翻译：天气很好。\n确保包含这些词：nice, day"  # upstream joins with ", "
     with pytest.raises(ValueError, match="instruction-lang"):
         translation_instruction("x", "zh", "fr")
 
