@@ -233,3 +233,17 @@ def test_bayling_v1_stops_at_a_next_instruction_line(answer, shown, bpe_tokenize
         out.push(token_id)
     out.finish("length")
     assert out.text == shown
+
+
+# ---- display: exact decode -------------------------------------------------------------------------------
+
+def test_answers_are_decoded_exactly_without_clean_up(bpe_tokenizer):
+    """Upstream's transformers 4.x clean-up turned "Bonjour !" into "Bonjour!"; we show what the model wrote."""
+    answer = "Bonjour ! Is x > 0 ? Yes , it is ."
+    out = SequenceOutput(bpe_tokenizer, GenerationParams(), prompt_tokens=1, max_new_tokens=1000, stop_token_ids=[])
+    for token_id in bpe_tokenizer(answer, add_special_tokens=False)["input_ids"]:
+        out.push(token_id)
+    out.finish("length")
+    assert out.text == answer
+    ids = bpe_tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert bpe_tokenizer.decode(ids, clean_up_tokenization_spaces=True) != answer  # what the clean-up does
