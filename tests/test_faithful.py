@@ -245,5 +245,4 @@ def test_answers_are_decoded_exactly_without_clean_up(bpe_tokenizer):
         out.push(token_id)
     out.finish("length")
     assert out.text == answer
-    ids = bpe_tokenizer(answer, add_special_tokens=False)["input_ids"]
-    assert bpe_tokenizer.decode(ids, clean_up_tokenization_spaces=True) != answer  # what the clean-up does
+    assert bpe_tokenizer.clean_up_tokenization(answer) == "Bonjour! Is x > 0? Yes, it is."  # what it would do
