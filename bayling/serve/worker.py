@@ -24,8 +24,8 @@ from ..loading import LoadedModel
 from ..output import StreamChunk
 from ..templates import choose_template
 from .engine import DEFAULT_MAX_BATCH, Engine
-from .protocol import Prepared, RequestError, canonical_prompt, chunk_payload, encode, error_payload, fastchat_conv, parse_body, \
-    prepare_request
+from .protocol import Prepared, RequestError, canonical_prompt, chunk_payload, encode, error_payload, fastchat_conv, \
+    parse_body, prepare_request
 
 log = logging.getLogger("bayling.serve.worker")
 
