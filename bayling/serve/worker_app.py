@@ -71,7 +71,7 @@ async def _stream_bytes(worker: Worker, prepared: Prepared, request: Request,
                         track: RequestTrack) -> AsyncIterator[bytes]:
     try:
         async for chunk in _tracked(worker, prepared, request, track):
-            yield encode(chunk_payload(chunk, prepared.extra))
+            yield encode(chunk_payload(chunk, {**prepared.extra, **worker.logprobs_payload(chunk, prepared)}))
     except Exception as e:
         yield encode(error_reply(e))
 
@@ -127,7 +127,7 @@ def create_app(source: WorkerSource) -> FastAPI:
                 pass
             if last is None or last.finish_reason is None:
                 raise RequestError(ErrorCode.INTERNAL_ERROR, "the client disconnected")
-            return JSONResponse(chunk_payload(last, prepared.extra))
+            return JSONResponse(chunk_payload(last, {**prepared.extra, **w.logprobs_payload(last, prepared)}))
         except Exception as e:
             return JSONResponse(error_reply(e))
 
