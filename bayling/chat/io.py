@@ -129,40 +129,54 @@ class RichChatIO(ChatIO):
         self.console.print(f"[dim]{escape(text)}[/dim]", highlight=False)
 
 
+MAX_TURN_CHARS = 1_000_000
+
+
 class ProgrammaticChatIO(ChatIO):
-    """For scripts: one turn per stdin line, or a JSON value (string or {"content": ...}) per turn.
+    """For scripts: one turn per stdin line, plain text or one JSON value (string or {"content": ...}).
 
     A plain-text turn gets its answer as plain text and a newline; a JSON turn gets one JSON line
-    {"role", "content", "finish_reason", "usage"}. Notices go to stderr so stdout stays parseable.
+    {"role", "content", "finish_reason", "usage"}. A JSON turn is always text for the model, never a
+    `!!` command: commands are plain lines or an explicit {"command": "!!save FILE"}. A turn that
+    cannot be used (malformed JSON, an unknown shape, over MAX_TURN_CHARS) gets one {"error": ...}
+    line and the session goes on. Notices go to stderr so stdout stays parseable.
     """
 
     def __init__(self, inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
         self.inp, self.out = inp, out
         self._json_turn = False
+        self.text_only = False  # the last turn must not be read as a command
+
+    def _error(self, message: str) -> None:
+        self.out.write(json.dumps({"error": message}, ensure_ascii=False) + "\n")
+        self.out.flush()
 
     def read_user(self) -> Optional[str]:
-        line = self.inp.readline()
-        if not line:
-            return None
-        text = line.rstrip("\n")
-        self._json_turn = text.lstrip().startswith(("{", '"'))
-        if not self._json_turn:
-            return text
-        block = text
-        while True:  # a JSON block may span lines
+        while True:
+            line = self.inp.readline()
+            if not line:
+                return None
+            text = line.rstrip("\n")
+            if len(text) > MAX_TURN_CHARS:
+                self._error(f"turn of {len(text)} characters is longer than {MAX_TURN_CHARS}; skipped")
+                continue
+            self._json_turn = text.lstrip().startswith(("{", '"', "["))
+            self.text_only = self._json_turn
+            if not self._json_turn:
+                return text
             try:
-                value = json.loads(block)
-                break
-            except json.JSONDecodeError:
-                more = self.inp.readline()
-                if not more:
-                    raise ValueError(f"stdin ended inside a JSON turn: {block[:80]!r}")
-                block += more
-        if isinstance(value, dict):
-            value = value.get("content", value.get("message", ""))
-        if not isinstance(value, str):
-            raise ValueError('a JSON turn must be a string or {"content": "..."}')
-        return value
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                self._error(f"malformed JSON turn ({e}); skipped")
+                continue
+            if isinstance(value, dict) and set(value) == {"command"} and isinstance(value["command"], str):
+                self._json_turn = self.text_only = False
+                return value["command"]
+            if isinstance(value, dict) and isinstance(value.get("content", value.get("message")), str):
+                return value.get("content", value.get("message"))
+            if isinstance(value, str):
+                return value
+            self._error('a JSON turn must be a string, {"content": "..."} or {"command": "!!..."}; skipped')
 
     def show(self, chunk: StreamChunk) -> None:
         if not self._json_turn:

@@ -105,13 +105,17 @@ def handle_command(session: ChatSession, line: str, chatio: ChatIO) -> Optional[
         if not arg:
             chatio.info("usage: !!save FILE")
             return "handled"
-        Path(arg).write_text(json.dumps(conv.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
+        try:
+            Path(arg).write_text(json.dumps(conv.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
+        except OSError as e:
+            chatio.info(f"could not save to {arg}: {e.strerror or e}")
+            return "handled"
         chatio.info(f"saved {len(conv.messages)} messages to {arg}")
         return "handled"
     if cmd == "load":
         try:
             loaded = Conversation.from_dict(json.loads(Path(arg).read_text(encoding="utf-8")))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             chatio.info(f"could not load {arg or '(no file given)'}: {e}")
             return "handled"
         session.conv = loaded
@@ -136,7 +140,7 @@ def chat_loop(session: ChatSession, chatio: ChatIO) -> None:
         if line is None or not line.strip():
             break
         line = line.strip() if line.strip().startswith("!!") or line.strip() == "q" else line
-        action = handle_command(session, line, chatio)
+        action = None if getattr(chatio, "text_only", False) else handle_command(session, line, chatio)
         if action == "exit":
             break
         if action == "handled":
