@@ -13,7 +13,9 @@ import pytest
 from bayling.params import GenerationParams
 from bayling.serve.web import parse_auth
 from bayling.serve.web_state import (STOPPED_NOTE, Session, Streams, append_log, build_payload, log_path,
-                                     read_params, render_chat, translation_instruction, vote_record)
+                                     message_at, read_params, render_chat, translation_instruction, vote_record)
+from bayling.serve.web_store import (empty_store, export_json, export_markdown, import_json, normalise_store, put,
+                                     rename, sidebar_choices)
 from bayling.demo import DEMO_NAME
 from bayling.serve.web_client import (CONTROLLER_DOWN, WORKER_GONE, ControllerClient, ServeError, generate_stream,
                                       parse_chunk, split_stream, until_set)
@@ -57,19 +59,70 @@ def test_render_chat_shows_notice_but_never_sends_it():
 
 
 def test_vote_log_is_one_jsonl_file_per_day(tmp_path):
-    session = Session(messages=[{"role": "user", "content": "你好"}, {"role": "assistant", "content": "hi"}],
+    session = Session(messages=[{"role": "user", "content": "你好"},
+                                {"role": "assistant", "content": "hi", "stats": {"tokens": 1}}],
                       model="m", system="sys", params={"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 32})
     day = datetime(2024, 5, 1, 12, 30)
     assert log_path(tmp_path, day) == tmp_path / "2024-05-01-conv.json"
-    append_log(tmp_path, vote_record("upvote", session, "127.0.0.1", day), day)
-    path = append_log(tmp_path, vote_record("flag", session, None, day), day)
+    append_log(tmp_path, vote_record("upvote", session, 1, "127.0.0.1", day), day)
+    path = append_log(tmp_path, vote_record("flag", session, 1, None, day, " rude ", "upvote"), day)
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert [r["type"] for r in lines] == ["upvote", "flag"]
-    assert lines[0]["state"] == {"system": "sys", "messages": session.messages, "params": session.params}
+    assert lines[0]["state"]["messages"] == [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "hi"}]
     assert lines[0]["model"] == "m" and lines[0]["ip"] == "127.0.0.1" and "ip" not in lines[1]
+    assert lines[1]["comment"] == "rude" and lines[1]["replaces"] == "upvote" and lines[1]["answer"] == 1
     assert "你好" in path.read_text(encoding="utf-8")  # readable, not \u-escaped
     with pytest.raises(ValueError, match="vote must be one of"):
-        vote_record("meh", session, None, day)
+        vote_record("meh", session, 1, None, day)
+
+
+def test_failed_message_is_shown_with_retry_but_never_sent():
+    session = Session(messages=[{"role": "user", "content": "a", "failed": "the worker died"},
+                                {"role": "user", "content": "b"}])
+    shown = render_chat(session)
+    assert [m["role"] for m in shown] == ["user", "assistant", "user"] and "Retry" in shown[1]["content"]
+    assert build_payload("m", session.messages, None, read_params(0.7, 1, 16))["messages"] == [
+        {"role": "user", "content": "b"}]
+    assert message_at(session, 2) == 1 and message_at(session, 1) == 0
+
+
+def test_answers_show_their_stats_and_translation_bubbles_the_users_text():
+    session = Session(messages=[{"role": "user", "content": "Provide the English translation for this sentence: x",
+                                 "shown": "x"},
+                                {"role": "assistant", "content": "y", "current": 1,
+                                 "versions": [{"content": "z", "stats": {}}, {"content": "y", "stats": {}}],
+                                 "stats": {"tokens": 7, "tokens_per_s": 3.25, "ttft_s": 0.5, "finish": "length"}}],
+                      pending=True)
+    shown = render_chat(session)
+    assert shown[0]["content"] == "x" and shown[1]["content"] == "y"
+    assert all(s in shown[2]["content"] for s in ("7 tokens", "3.2 tokens/s", "first token 0.50 s",
+                                                 "length limit reached", "version 2 of 2"))
+    assert "bayling-pending" in shown[3]["content"]
+    assert message_at(session, 2) == 1  # a vote on the stats line is a vote on the answer
+
+
+def test_conversations_export_import_round_trip_and_bad_files_lose_nothing():
+    store = empty_store()
+    a = Session(messages=[{"role": "user", "content": "First question, which is quite long indeed and goes on"},
+                          {"role": "assistant", "content": "answer"}], updated=1.0)
+    b = Session(messages=[{"role": "user", "content": "second"}], updated=2.0)
+    put(store, a.to_stored()), put(store, b.to_stored())
+    assert [t for t, _ in sidebar_choices(store)] == ["second", "First question, which is quite long indeed and…"]
+    exported = export_json(store)
+    assert "**User:**" in export_markdown(store) and "second" in export_markdown(store)
+    restored, count = import_json(empty_store(), exported)
+    assert count == 2 and restored["conversations"] == normalise_store(store)["conversations"]
+    assert import_json(restored, exported)[1] == 2 and len(restored["conversations"]) == 2  # no duplicates
+    for bad, why in (("{", "not JSON"), ('{"format": "x"}', "not a conversation export"),
+                     ('{"format": "bayling-conversations", "conversations": [{"messages": [{"role": "x"}]}]}',
+                      "role")):
+        with pytest.raises(ValueError, match=why):
+            import_json(restored, bad)
+    assert len(restored["conversations"]) == 2
+    rename(store, a.id, "  My   chat ")
+    assert store["conversations"][a.id]["title"] == "My chat"
+    assert normalise_store({"conversations": {"x": "junk", b.id: store["conversations"][b.id]}})[
+        "conversations"].keys() == {b.id}
 
 
 def test_parse_auth():
