@@ -138,6 +138,9 @@ def _wire(page: Page, panel: str, session, chatbot, text, send, stop, status, co
         ip = getattr(getattr(request, "client", None), "host", None)
         return service.vote(key_of(request, panel), session, data.index, data.liked, comment, ip)
 
+    def reset(request: gr.Request, session: Session):
+        return _buttons(service.busy(key_of(request, panel)), session)  # a refused send leaves Stop in place
+
     streaming = page.streaming
     send_outs = [text, *outs, status]
     events = [text.submit(on_send, [text, session, *page.settings], send_outs, trigger_mode="multiple", **streaming),
@@ -146,7 +149,7 @@ def _wire(page: Page, panel: str, session, chatbot, text, send, stop, status, co
               chatbot.edit(on_edit, [session, *page.settings], outs, **streaming),
               page.continue_buttons[panel].click(on_continue, [session, *page.settings], outs, **streaming)]
     for event in events:  # the last streamed output still says busy: put Send back once the event is over
-        event.then(lambda s: _buttons(False, s), session, [send, stop, page.continue_buttons[panel]], queue=False)
+        event.then(reset, session, [send, stop, page.continue_buttons[panel]], queue=False)
         after = event.then(page.sync_models, [session, page.model], page.model)
         page.after_answer(panel, after, session)
     chatbot.undo(on_undo, session, [session, chatbot, text], queue=False)
@@ -313,10 +316,13 @@ def _wire_translate(page: Page, tr: dict, session) -> None:
         answers = [m["content"] for m in session.messages if m["role"] == "assistant"]
         return b, a, (answers[-1] if answers else text)
 
+    def reset(request: gr.Request, session: Session):
+        return _buttons(service.busy(key_of(request, TRANSLATE)), session)
+
     inputs = [tr["source"], tr["source_lang"], tr["target_lang"], session, *page.settings]
     for trigger in (tr["translate"].click, tr["source"].submit):
         event = trigger(on_translate, inputs, [*outs, tr["status"]], **page.streaming)
-        event.then(lambda s: _buttons(False, s), session, outs[2:], queue=False)
+        event.then(reset, session, outs[2:], queue=False)
         event.then(page.sync_models, [session, page.model], page.model)
     tr["swap"].click(on_swap, [tr["source_lang"], tr["target_lang"], tr["source"], session],
                      [tr["source_lang"], tr["target_lang"], tr["source"]], queue=False)

@@ -143,8 +143,10 @@ class ChatService:
     def vote(self, key: tuple[str, str], session: Session, shown_index: int, liked: object, comment: str,
              ip: Optional[str]) -> str:
         """Log a vote on one answer, once: the same vote again logs nothing, a different one replaces it."""
-        kind = VOTE_KINDS.get(liked if isinstance(liked, (bool, str)) else None)
         index = answer_at(session, shown_index)
+        if liked in ("", None) and index is not None:  # the same icon clicked again: Gradio un-marks it
+            return "Your vote stays logged; pick another one to change it."
+        kind = VOTE_KINDS.get(liked if isinstance(liked, (bool, str)) else None)
         if kind not in VOTES or index is None:
             return "Votes are for the model's answers."
         if self.busy(key) and index == len(session.messages) - 1:
