@@ -329,6 +329,17 @@ def test_stats_continue_votes_and_conversations_that_survive_a_reload(web_stack,
     assert votes[1]["replaces"] == "upvote" and votes[0]["answer"] == 1 and votes[0]["model"] == DEMO_NAME
     assert votes[0]["state"]["messages"][0]["content"].startswith("Tell me a long story")
 
+    page.page.locator("#chat-chatbot").get_by_label("Retry", exact=True).last.click()  # another version
+    wait_until(lambda: "version 2 of 2" in page.last_text(), 90, "a second version of the answer")
+    page.wait_answer_done(worker)
+    page.page.locator("#chat-selected").get_by_text("Selected message").click()
+    page.page.locator("#chat-chatbot .message.bot").last.click()  # select the answer: raw text and versions
+    wait_until(lambda: "version 2 of 2" in page.page.inner_text("#chat-selected-info"), 10, "the selected answer")
+    page.click("chat-older")
+    wait_until(lambda: "version 1 of 2" in page.last_text(), 10, "the earlier version back on screen")
+    raw = page.page.input_value("#chat-raw textarea")
+    assert raw.startswith(cut.split("\n")[0][:20]) and "tokens/s" not in raw
+
     page.page.reload()  # the conversation and the settings come back from the browser's storage
     page.open()
     wait_until(lambda: len(page.messages()) == 2, 20, "the conversation after the reload")

@@ -11,6 +11,7 @@ from typing import Any, Optional
 import gradio as gr
 
 from .web_client import ServeError
+from .web_selected import build_selected_panel
 from .web_service import BUSY_NOTE, CONTINUE, NEW, REGENERATE, ChatService, key_of
 from .web_sidebar import build_sidebar
 from .web_state import (CHAT, CSS, LANGUAGES, REFINE_EXAMPLES, THEME_FONT, TRANSLATE, Session, WebConfig,
@@ -182,6 +183,7 @@ def build_demo(config: WebConfig) -> gr.Blocks:
                             chat_comment = gr.Textbox(show_label=False, placeholder="Comment for your next vote "
                                                       "(optional)", lines=1, scale=4, elem_id="chat-comment")
                         chat_status = gr.Markdown(elem_classes="vote-status", elem_id="chat-status")
+                        selected_events = build_selected_panel(service, CHAT, chat_session, chatbot)
                     with gr.Tab("Translate", id=TRANSLATE, elem_id="translate-tab"):
                         tr = _translate_layout()
             with gr.Column(scale=1, min_width=280):
@@ -205,6 +207,8 @@ def build_demo(config: WebConfig) -> gr.Blocks:
             if panel == CHAT else None)
         _wire(page, CHAT, chat_session, chatbot, text, send, stop, chat_status, chat_comment)
         sidebar.wire(chatbot)
+        for event in selected_events:
+            page.after_answer(CHAT, event, chat_session)
         _wire_translate(page, tr, translate_session)
 
         def on_example(data: gr.SelectData):
