@@ -402,6 +402,10 @@ def test_translation_then_refinement_in_the_same_conversation(web_stack, page):
     messages = page.messages("translate")
     assert messages[0] == ("user", "今天天气很好，我们去公园散步吧。")  # the visitor's text, not the instruction
     assert len(messages) == 2 and messages[1][0] == "assistant" and messages[1][1]
+    for what in (page.page.get_by_text("Make it more formal.").first, page.page.locator("#translate-refine-send"),
+                 page.page.locator("#translate-chatbot").get_by_label("Like", exact=True).last):
+        box = what.bounding_box()  # refine examples, Send/Stop and votes: all within the first screen
+        assert box and box["y"] + box["height"] <= 900, f"below the first screen at 1366x900: {box}"
 
     page.type_and_send("translate-refine", "Make it more formal.")
     wait_until(lambda: len(page.messages("translate")) >= 3, 10, "the follow-up instruction in the chat")
