@@ -9,18 +9,18 @@ from typing import Callable, Optional, Sequence
 
 from ..loading import ModelLoadError
 from .data import DATA_DIR
-from .engine import add_engine_args
+from .engine import add_eval_model_args
 from .judge import JudgeError
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 def _engine(ns: argparse.Namespace):
-    from .engine import Engine
+    from .engine import EvalModel
 
     if ns.model_name and ("/" in ns.model_name or ns.model_name.startswith(".")):
         raise ValueError(f"--model-name is used in file names; {ns.model_name!r} may not contain '/'")
-    return Engine.from_args(ns)
+    return EvalModel.from_args(ns)
 
 
 def cmd_fetch_data(ns: argparse.Namespace) -> int:
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if model:
-            add_engine_args(p)
+            add_eval_model_args(p)
         p.set_defaults(handler=handler)
         return p
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .engine import Engine
+from .engine import EvalModel
 from .io import ResumableWriter, check_rows_match, read_jsonl, read_lines
 
 # Upstream's instructions (facts from the BayLing paper/repo); {tgt} is the target language's name.
@@ -54,7 +54,7 @@ def constrained_instruction(src: str, constraints: list[str], tgt_lang: str, ins
             + CONSTRAINT_SUFFIX[instruction_lang].format(constraints=joined))
 
 
-def run_translate(engine: Engine, source: Path, output: Path, tgt_lang: str, instruction_lang: str = "en") -> int:
+def run_translate(engine: EvalModel, source: Path, output: Path, tgt_lang: str, instruction_lang: str = "en") -> int:
     """One hypothesis line per source line (inner line breaks become spaces); resumable."""
     check_instruction_lang(instruction_lang)
     segments = read_lines(source)
@@ -76,7 +76,7 @@ def load_constrained(path: Path) -> list[dict]:
     return rows
 
 
-def run_constrained(engine: Engine, source: Path, output: Path, tgt_lang: str, instruction_lang: str = "en") -> int:
+def run_constrained(engine: EvalModel, source: Path, output: Path, tgt_lang: str, instruction_lang: str = "en") -> int:
     """Each {src, tgt, constraint} row plus `hypo`; resumable."""
     check_instruction_lang(instruction_lang)
     rows: list[Any] = load_constrained(source)
