@@ -12,7 +12,7 @@ import pytest
 
 from bayling.params import GenerationParams
 from bayling.serve.web import parse_auth
-from bayling.serve.web_state import (STOPPED_NOTE, Session, Streams, append_log, build_payload, log_path,
+from bayling.serve.web_state import (Session, Streams, append_log, build_payload, log_path,
                                      message_at, read_params, render_chat, translation_instruction, vote_record)
 from bayling.serve.web_store import (empty_store, export_json, export_markdown, import_json, normalise_store, put,
                                      rename, sidebar_choices)
@@ -52,9 +52,9 @@ def test_bad_sampling_values_are_rejected_with_a_message():
 
 
 def test_render_chat_shows_notice_but_never_sends_it():
-    session = Session(messages=[{"role": "user", "content": "hi"}], notice=STOPPED_NOTE)
+    session = Session(messages=[{"role": "user", "content": "hi"}], notice="*(a note)*")
     shown = render_chat(session)
-    assert shown[-1] == {"role": "assistant", "content": STOPPED_NOTE}
+    assert shown[-1] == {"role": "assistant", "content": "*(a note)*"}
     assert build_payload("m", session.messages, None, read_params(0.7, 1, 16))["messages"] == session.messages
 
 

@@ -13,7 +13,7 @@ from typing import AsyncIterator, Optional
 from ..params import GenerationParams
 from .web_client import (NO_WORKER, WORKER_GONE, ControllerClient, ServeError, default_system_prompt,
                          generate_stream, until_set)
-from .web_state import (CLEAR, CLEAR_WAIT_S, EMPTY_NOTE, STOP, VOTES, Session, Streams, StreamToken, WebConfig,
+from .web_state import (CLEAR, CLEAR_WAIT_S, EMPTY_NOTE, STOP, VOTES, Session, Streams, WebConfig,
                         append_log, build_payload, error_note, message_at, no_worker_message, vote_record)
 
 log = logging.getLogger("bayling.serve.web")
@@ -246,8 +246,9 @@ class _Reply:
         """Mark how the answer ended: stopped, failed, finished, or cut off by the length limit."""
         session = self.session
         if self.message is None:  # not a word arrived
-            if self.error and self.mode == NEW and session.messages and session.messages[-1]["role"] == "user":
-                session.messages[-1]["failed"] = self.error  # shown with a Retry; never sent again
+            why = self.error or ("stopped before the first words" if stopped else "")
+            if why and self.mode == NEW and session.messages and session.messages[-1]["role"] == "user":
+                session.messages[-1]["failed"] = why  # shown with a Retry; never sent again
             elif self.error:
                 session.notice = error_note(self.error)
             elif not stopped:

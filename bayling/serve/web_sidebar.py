@@ -50,8 +50,6 @@ def build_sidebar(service: ChatService, store, session) -> Sidebar:
                         interactive=False)
         upload = gr.UploadButton("Import JSON", file_types=[".json"], size="sm", elem_id="import-chats")
         note = gr.Markdown(elem_id="sidebar-note")
-    chatbot_ref = {}
-
     def save(session: Session, value: Any, *settings: Any):
         """Keep the conversation on screen and the settings in the browser; redraw the list."""
         s = normalise_store(value)
@@ -141,7 +139,6 @@ def build_sidebar(service: ChatService, store, session) -> Sidebar:
         chosen = Session.from_stored(conv) if conv else session
         return chosen, render_chat(chosen), s, _list(s, chosen.id), f"Imported {count} conversation(s)."
 
-    chatbot_ref["placeholder"] = None
     outputs = lambda chatbot: [session, chatbot, store, conversations, note]  # noqa: E731
 
     def wire(chatbot) -> None:

@@ -21,7 +21,6 @@ from .web_store import new_id, title_from
 
 CHAT, TRANSLATE = "chat", "translate"
 VOTES = ("upvote", "downvote", "flag")
-STOPPED_NOTE = "*(stopped)*"
 EMPTY_NOTE = "*(the model ended its answer without any text; try Regenerate)*"
 # Target-language names for BayLing's two translation instructions (English and Chinese).
 LANGUAGES = {
@@ -229,13 +228,6 @@ def append_log(log_dir: str | Path, record: dict, now: datetime) -> Path:
     with _LOG_LOCK, open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
-
-
-def drop_empty_reply(session: Session) -> bool:
-    """Remove a trailing answer with no text; True if the conversation now ends with a real answer."""
-    if session.messages and session.messages[-1]["role"] == "assistant" and not session.messages[-1]["content"].strip():
-        session.messages.pop()
-    return bool(session.messages) and session.messages[-1]["role"] == "assistant"
 
 
 # ---- streaming ----------------------------------------------------------------------------------------------
