@@ -376,6 +376,19 @@ def test_stats_continue_votes_and_conversations_that_survive_a_reload(web_stack,
     assert "Imported 2" in page.page.inner_text("#sidebar-note")
 
 
+def test_refresh_keeps_the_system_prompt_and_bad_settings_are_shown_not_corrected(web_stack, page):
+    page.page.fill("#system-prompt textarea", "Answer in one word.")
+    page.click("reload-models")
+    time.sleep(3)  # the refresh has answered by now (the controller is local)
+    assert page.system_prompt() == "Answer in one word." and page.model() == DEMO_NAME
+    page.set_number("top-p", 1.5)
+    wait_until(lambda: "top_p must be in (0, 1]" in page.page.inner_text("#settings-error"), 10,
+               "the error next to the settings")
+    page.type_and_send("chat-input", "Hello")
+    wait_until(lambda: "fix it under Settings" in page.last_text(), 10, "sending to refuse the bad value")
+    assert page.page.input_value("#top-p input") == "1.5"  # not silently corrected
+
+
 def test_phone_layout_puts_the_chat_and_message_box_first(browser, web_stack):
     context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
     try:
