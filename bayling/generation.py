@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import itertools
+import threading
 from typing import Any, Iterator, Optional, Sequence, Union
 
-from .engine.driver import build_engine, stream
 from .engine.request import OutputKind, Request
 from .output import StreamChunk
 from .params import GenerationParams
@@ -14,18 +14,25 @@ _ids = itertools.count(1)
 
 
 def generate_stream(model: Any, tokenizer: Any, prompt: Union[str, Sequence[int]], params: GenerationParams,
-                    *, context_len: Optional[int] = None, engine: Any = None) -> Iterator[StreamChunk]:
+                    *, context_len: Optional[int] = None, engine: Any = None,
+                    cancel: Optional[threading.Event] = None) -> Iterator[StreamChunk]:
     """Yield a StreamChunk whenever visible text grows, and a last one with finish_reason set.
 
     Raises PromptTooLongError before any work if the prompt cannot fit. Closing the iterator
-    (Ctrl-C in chat) aborts the request. Pass `engine` to reuse one across calls.
+    (Ctrl-C in chat) aborts the request; so does setting `cancel` (the last chunk then has
+    finish_reason "abort"). Pass `engine` to reuse one across calls.
     """
+    from .engine.driver import build_engine, stream  # torch: imported when a model is already loaded
+
     prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     check_prompt_fits(len(ids), context_len or context_length(model))
     engine = engine or build_engine(model, tokenizer, context_len=context_len, max_num_seqs=params.n)
     text = ""  # with echo, the first delta carries the prompt
-    for out in stream(engine, Request(f"g{next(_ids)}", ids, params, OutputKind.DELTA, prompt_text)):
+    request = Request(f"g{next(_ids)}", ids, params, OutputKind.DELTA, prompt_text)
+    for out in stream(engine, request):
+        if cancel is not None and cancel.is_set():
+            engine.abort(request.request_id)
         if out.index:
             continue
         text += out.text

@@ -53,6 +53,7 @@ class SamplerRow:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(self.seed % 2**64)
 
+    @torch.inference_mode()
     def record(self, token: int) -> None:
         """Note a chosen token for the penalties (a device op with a host index: no sync)."""
         if self.seen is not None:
@@ -60,6 +61,7 @@ class SamplerRow:
         if self.counts is not None:
             self.counts[token] += 1
 
+    @torch.inference_mode()
     def fork(self, seed: Optional[int]) -> "SamplerRow":
         """A fresh row for a sibling answer of the same prompt (state cloned, own seed)."""
         row = SamplerRow(self.params, self.prompt_ids, seed)

@@ -25,8 +25,8 @@ from ..output import StreamChunk
 from ..templates import choose_template
 from ..engine.core import DEFAULT_MAX_NUM_SEQS as DEFAULT_MAX_BATCH
 from ..engine.driver import EngineThread, build_engine
-from .protocol import Prepared, RequestError, chunk_payload, encode, error_payload, fastchat_conv, parse_body, \
-    prepare_request
+from .protocol import Prepared, RequestError, canonical_prompt, chunk_payload, encode, error_payload, fastchat_conv, \
+    parse_body, prepare_request
 
 log = logging.getLogger("bayling.serve.worker")
 
@@ -155,7 +155,10 @@ class Worker:
 
     # --- requests ----------------------------------------------------------------------------
     def prepare(self, body: bytes) -> Prepared:
-        return prepare_request(parse_body(body), self.template, self.lm.tokenizer, self.lm.context_len)
+        data = parse_body(body)
+        if isinstance(data.get("prompt"), str):  # FastChat's OpenAI server renders history as given
+            data["prompt"] = canonical_prompt(self.template, data["prompt"])
+        return prepare_request(data, self.template, self.lm.tokenizer, self.lm.context_len)
 
     async def stream(self, prepared: Prepared, request: Optional[Request] = None) -> AsyncIterator[StreamChunk]:
         """Run one request on the engine; abort it as soon as its client disconnects."""
