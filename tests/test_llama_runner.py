@@ -114,18 +114,19 @@ def test_slots_recycle_and_errors(runner):
         runner.free(c.seq_id)
 
 
-def test_kv_budget_is_the_context_size(runner):
-    assert runner.kv_capacity_tokens() == 512
+def test_kv_budget_is_the_context_size():
+    small = LlamaCppRunner(demo_gguf_path(), LlamaCppOptions(kv_tokens=256, max_seqs=8, threads=2))
+    assert small.kv_capacity_tokens() == 256
     # SmolLM2-135M: 30 layers x (K+V) x 3 KV heads x 64 dims x 2 bytes
-    assert runner.kv_bytes_per_token() == 30 * 2 * 3 * 64 * 2
-    assert runner.context_len == 8192
+    assert small.kv_bytes_per_token() == 30 * 2 * 3 * 64 * 2
+    assert small.context_len == 8192
     with pytest.raises(RuntimeError, match="no room"):
-        runner.run([Chunk(8 + i, [5] * 40, 0) for i in range(7)] + [Chunk(20, [5] * 300, 0)])
+        small.run([Chunk(8 + i, [5] * 20, 0) for i in range(7)] + [Chunk(20, [5] * 150, 0)])
     for s in [20] + [8 + i for i in range(7)]:
-        runner.free(s)
-    # after the failure the cache is empty again: a full-size prompt fits
-    runner.run([Chunk(1, [5] * 500, 0)])
-    runner.free(1)
+        small.free(s)
+    # after the failure the cache is empty again: a prompt of nearly the whole budget fits
+    assert small.run([Chunk(1, [5] * 250, 0)]).shape == (1, small.vocab_size)
+    small.close()
 
 
 def test_load_error_is_clear(tmp_path):

@@ -144,7 +144,8 @@ class LlamaCppRunner:
         self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(vocab))
         self.context_len = int(llama_cpp.llama_model_n_ctx_train(self.model))
         self._n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
-        self._batch = _Batch(options.batch_tokens)
+        # llama.cpp caps the batch at the context size; a bigger batch would abort the process
+        self._batch = _Batch(int(llama_cpp.llama_n_batch(self.ctx)))
         self._slots: dict[int, int] = {}  # engine seq id -> llama.cpp seq id
         self._free_slots = list(range(options.max_seqs - 1, -1, -1))
         self._lengths: dict[int, int] = {}  # engine seq id -> tokens held in the KV cache
