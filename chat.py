@@ -1,27 +1,5 @@
 """Chat with a BayLing model (or the embedded demo model) in the terminal."""
-from bayling.cli import build_parser, params_from, run_main
-
-
-def main() -> None:
-    parser = build_parser("Chat with a BayLing model in the terminal.")
-    parser.add_argument("--style", choices=["simple", "rich", "programmatic"], default="simple",
-                        help="terminal display")
-    parser.add_argument("--multiline", action="store_true", help="multi-line input")
-    parser.add_argument("--debug", action="store_true", help="print the prompt and tokens/s")
-    args = parser.parse_args()
-    params = params_from(args)  # validated before the model loads: a bad flag fails at once
-
-    from bayling.chat import ChatSession, chat_loop, make_chatio
-    from bayling.chat.loop import HELP
-    from bayling.loading import load_model, model_args_from
-    from bayling.templates import Conversation, choose_template
-
-    chatio = make_chatio(args.style, args.multiline)
-    loaded = load_model(model_args_from(args))
-    template = choose_template(loaded.name, args.conv_template)
-    chatio.info(f"model: {loaded.name} on {loaded.device} (template {template.name}); {HELP}")
-    chat_loop(ChatSession(loaded, Conversation(template, args.system), params, args.debug), chatio)
-
+from bayling.chat.__main__ import run
 
 if __name__ == "__main__":
-    run_main(main)
+    run()

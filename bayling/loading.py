@@ -61,6 +61,38 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-gpu-memory", default=None, help="per-GPU cap with --num-gpus, e.g. '13GiB'")
     g.add_argument("--cpu-offloading", action="store_true",
                    help="with --load-8bit: put what does not fit on the GPU on the CPU")
+    e = parser.add_argument_group("engine")
+    e.add_argument("--max-num-seqs", type=int, default=None,
+                   help="most answers decoded together (default 16; eval: --batch-size)")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="most tokens one step feeds the model, prompt chunks plus decodes (default 512)")
+    e.add_argument("--kv-cache-memory", type=parse_size, default=None,
+                   help="KV cache budget, e.g. 2GiB (default: CUDA memory x --gpu-memory-utilization "
+                        "less the weights; 1/8 of RAM on the CPU)")
+    e.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="share of GPU memory the weights, activations and KV cache may use (default 0.9)")
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512MB', '1e9' -> bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+             "k": 2**10, "m": 2**20, "g": 2**30}
+    t = text.strip().lower()
+    number = t.rstrip("kmgib")
+    unit = t[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB or 512MB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be > 0, got {text!r}")
+    return int(value)
+
+
+def engine_kwargs_from(ns: argparse.Namespace) -> dict:
+    """The engine flags as build_engine keyword arguments."""
+    return {k: getattr(ns, k, None) for k in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
+                                               "gpu_memory_utilization")}
 
 
 def model_args_from(ns: argparse.Namespace) -> ModelArgs:

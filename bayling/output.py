@@ -20,6 +20,7 @@ class StreamChunk:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: Optional[str] = None
+    logprobs: Optional[tuple] = None  # engine Logprob entries of the answer so far, when asked for
 
     @property
     def usage(self) -> dict:

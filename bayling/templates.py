@@ -23,6 +23,13 @@ BAYLING3_ROLES = {
     ASSISTANT: "<|start_header_id|>assistant<|end_header_id|>\n\n",
 }
 BAYLING3_EOT = "<|eot_id|>"
+# Llama-3 ends a turn with <|eot_id|> (128009) and a document with <|end_of_text|> (128001); both end an
+# answer whatever the tokenizer's EOS or generation_config say. (Upstream also lists id 2, which in
+# Llama-3's vocabulary is "#": not copied, see docs/upstream.md.)
+BAYLING3_END_OF_TEXT = "<|end_of_text|>"
+# BayLing v1 sometimes writes the next turn itself: "### Instruction:" at the start of a line ends the
+# answer, with or without the newline that follows it.
+BAYLING_NEXT_TURN = "\n" + BAYLING_ROLES[USER].rstrip("\n")
 
 
 @dataclass
@@ -43,27 +50,30 @@ class Template:
     deanonymize: bool = False  # BayLing weights emit [NAME]-style placeholders
 
 
+def _answer_text(m: Message) -> str:
+    """Answers go back into the prompt stripped, as upstream stores them (`outputs.strip()`)."""
+    return m.content.strip() if m.role == ASSISTANT else m.content
+
+
 def _render_bayling(system: str, messages: Sequence[Message], tokenizer: Any = None) -> str:
     parts = [system, BAYLING_SEP]
-    for i, m in enumerate(messages):
-        role = BAYLING_ROLES[m.role]
-        if m.role == ASSISTANT and not m.content and i == len(messages) - 1:
-            parts.append(role)  # the open turn the model completes
+    for m in messages:
+        role, text = BAYLING_ROLES[m.role], _answer_text(m)
+        if not text:
+            parts.append(role)  # an empty message is an open turn, as upstream renders it
         elif m.role == USER:
-            parts.append(role + m.content + BAYLING_SEP)
+            parts.append(role + text + BAYLING_SEP)
         else:
-            parts.append(role + m.content + BAYLING_SEP2 + "\n")
+            parts.append(role + text + BAYLING_SEP2 + "\n")
     return "".join(parts)
 
 
 def _render_bayling3(system: str, messages: Sequence[Message], tokenizer: Any = None) -> str:
+    # Llama-3's chat format trims every message; an empty one is an open turn (no <|eot_id|>).
     parts = [BAYLING3_SYSTEM_FORMAT.format(system)]
-    for i, m in enumerate(messages):
-        role = BAYLING3_ROLES[m.role]
-        if m.role == ASSISTANT and not m.content and i == len(messages) - 1:
-            parts.append(role)
-        else:
-            parts.append(role + m.content.strip() + BAYLING3_EOT)
+    for m in messages:
+        role, text = BAYLING3_ROLES[m.role], m.content.strip()
+        parts.append(role + text + BAYLING3_EOT if text else role)
     return "".join(parts)
 
 
@@ -82,9 +92,9 @@ def _render_tokenizer(system: Optional[str], messages: Sequence[Message], tokeni
 
 TEMPLATES: dict[str, Template] = {
     "BayLing": Template("BayLing", _render_bayling, BAYLING_SYSTEM,
-                        stop=(BAYLING_SEP2, "\n" + BAYLING_ROLES[USER]), deanonymize=True),
+                        stop=(BAYLING_SEP2, BAYLING_NEXT_TURN), deanonymize=True),
     "BayLing-3": Template("BayLing-3", _render_bayling3, BAYLING3_SYSTEM,
-                         stop=(BAYLING3_EOT,), stop_tokens=(BAYLING3_EOT,), deanonymize=True),
+                         stop=(BAYLING3_EOT,), stop_tokens=(BAYLING3_EOT, BAYLING3_END_OF_TEXT), deanonymize=True),
     # The model's own chat_template; None = the template's built-in default system prompt.
     "tokenizer": Template("tokenizer", _render_tokenizer, None),
 }

@@ -54,7 +54,8 @@ def main(max_new_tokens: int, repeats: int, threads: int) -> None:
     from bench.common import peak_rss_mib, write_result
     from bayling.eval.answer import answer_rows
     from bayling.eval.engine import Engine
-    from bayling.generation import encode_prompt, generate
+    from bayling.generation import generate
+    from bayling.tokens import encode_prompt
     from bayling.loading import ModelArgs, load_model
     from bayling.params import GenerationParams
 

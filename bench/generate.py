@@ -32,7 +32,8 @@ def measure(engine: str, new_tokens: int, dtype: str, load_8bit: bool) -> dict:
     import torch
 
     from bench.common import peak_rss_mib
-    from bayling.generation import encode_prompt, generate_stream
+    from bayling.generation import generate_stream
+    from bayling.tokens import encode_prompt
     from bayling.loading import ModelArgs, load_model
     from bayling.params import GenerationParams
     from bayling.templates import Conversation, choose_template

@@ -29,7 +29,7 @@ def test_translation_instructions_are_upstreams():
     assert constrained_instruction("Nice day.", ["天气", "很好"], "zh") == \
         "Provide the Chinese translation for this sentence: Nice day.\nMake sure to include these words: 天气, 很好"
     assert constrained_instruction("天气很好。", ["nice", "day"], "en", "zh") == \
-        "提供这句话的英文翻译：天气很好。\n确保包含这些词：nice，day"
+        "提供这句话的英文翻译：天气很好。\n确保包含这些词：nice, day"  # upstream joins with ", "
     with pytest.raises(ValueError, match="instruction-lang"):
         translation_instruction("x", "zh", "fr")
 
@@ -115,7 +115,7 @@ def test_score_exam_json_matches_hand_count(tmp_path, capsys):
                                                                     {"text": "答案是选项(A)"}])
     write_jsonl(pred / "predict.m.math.zero-shot.jsonl", [{"text": "so it is $\\dfrac{3}{4}$"},
                                                           {"text": " 56, since 7 times 8 is 56"}])
-    assert main(["score-exam", "--pred-dir", str(pred), "--gold-dir", str(gold), "--json"]) == 0
+    assert main(["score-exam", "--pred-dir", str(pred), "--gold-dir", str(gold), "--json", "--rule", "strict"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert json.loads(out[-1]) == {"gaokao-physics": 50.0, "logiqa-en": 66.67, "math": 100.0}
     assert any(line.startswith("average") for line in out)

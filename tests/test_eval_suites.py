@@ -11,7 +11,7 @@ import pytest
 from bayling.eval.answer import answer_rows
 from bayling.eval.cli import main
 from bayling.eval.data import load_questions
-from bayling.eval.engine import Engine
+from bayling.eval.engine import EvalModel
 from bayling.eval.exam import run_exam
 from bayling.eval.translate import run_constrained, run_translate
 from bayling.generation import generate
@@ -25,7 +25,7 @@ KILL_TIMEOUT_S = 240
 
 @pytest.fixture(scope="module")
 def engine(demo_model):
-    return Engine.from_loaded(demo_model, GenerationParams(temperature=0, max_new_tokens=MAX_NEW), batch_size=2,
+    return EvalModel.from_loaded(demo_model, GenerationParams(temperature=0, max_new_tokens=MAX_NEW), batch_size=2,
                               show_progress=False)
 
 
@@ -103,7 +103,7 @@ def test_answer_resumes_after_the_process_is_killed(engine, tmp_path):
 
     reference = tmp_path / "one-run.jsonl"
     rows = load_questions(str(SAMPLES / "questions.singleturn.en.jsonl"))
-    single = Engine.from_loaded(engine.loaded, GenerationParams(temperature=0, max_new_tokens=MAX_NEW),
+    single = EvalModel.from_loaded(engine.loaded, GenerationParams(temperature=0, max_new_tokens=MAX_NEW),
                                 batch_size=1, show_progress=False)
     answer_rows(single, rows, reference)
     assert read_jsonl(out) == read_jsonl(reference)

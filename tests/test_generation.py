@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from bayling.context import fit_conversation
-from bayling.generation import PromptTooLongError, encode_prompt, generate, generate_stream
+from bayling.generation import generate, generate_stream
+from bayling.tokens import PromptTooLongError, encode_prompt
 from bayling.params import GenerationParams
 from bayling.templates import Conversation, get_template
 
@@ -31,11 +32,10 @@ def test_greedy_matches_transformers_generate(tiny_llama):
     assert last.prompt_tokens == len(encode_prompt(tiny_llama.tokenizer, PROMPT))
 
 
-def test_sampling_is_reproducible_with_a_seeded_generator(tiny_llama):
+def test_sampling_is_reproducible_with_a_seed(tiny_llama):
     params = GenerationParams(temperature=0.9, top_p=0.9, top_k=50, repetition_penalty=1.2, max_new_tokens=20,
-                              ignore_eos=True)
-    runs = [generate(tiny_llama.model, tiny_llama.tokenizer, PROMPT, params,
-                     generator=torch.Generator().manual_seed(7)).text for _ in range(2)]
+                              ignore_eos=True, seed=7)
+    runs = [generate(tiny_llama.model, tiny_llama.tokenizer, PROMPT, params).text for _ in range(2)]
     assert runs[0] == runs[1]
 
 

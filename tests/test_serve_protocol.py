@@ -5,8 +5,8 @@ import pytest
 from fastchat.constants import ErrorCode
 
 from bayling.output import StreamChunk
-from bayling.serve.protocol import (PROBES, RequestError, chunk_payload, encode, error_payload, fastchat_conv,
-                                    parse_body, prepare_request, render_with_fastchat)
+from bayling.serve.protocol import (PROBES, RequestError, canonical_prompt, chunk_payload, encode, error_payload,
+                                    fastchat_conv, parse_body, prepare_request, render_with_fastchat)
 from bayling.templates import BAYLING_SYSTEM, Conversation, Message, get_template
 from tiny import build_bpe_tokenizer
 
@@ -54,7 +54,7 @@ def test_bayling3_conv_renders_our_prompt_exactly():
     assert problem == ""
     for system, turns in PROBES + ((None, tuple((m.role, m.content) for m in TURNS)),):
         messages = [Message(r, c) for r, c in turns]
-        assert render_with_fastchat(conv, system, messages) == \
+        assert canonical_prompt(get_template("BayLing-3"), render_with_fastchat(conv, system, messages)) == \
             Conversation(get_template("BayLing-3"), system, messages).prompt_for_reply()
 
 

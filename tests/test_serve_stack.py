@@ -12,7 +12,8 @@ import pytest
 import requests
 import torch
 
-from bayling.generation import encode_prompt, generate
+from bayling.generation import generate
+from bayling.tokens import encode_prompt
 from bayling.serve.launch import default_sigint
 from bayling.params import GenerationParams
 from bayling.templates import Conversation, Message, get_template
@@ -296,3 +297,28 @@ def test_one_command_starts_and_stops_the_stack(tmp_path):
                     os.killpg(child.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
+
+
+def test_logprobs_and_seed_in_the_worker_protocol(stack, demo_model):
+    payload = {"model": MODEL, "prompt": CHAT_PROMPT, "temperature": 0, "max_new_tokens": 6, "echo": False,
+               "logprobs": 2}
+    last = requests.post(stack["worker"].url + "/worker_generate", json=payload, timeout=TIMEOUT).json()
+    lp = last["logprobs"]
+    assert set(lp) == {"text_offset", "tokens", "token_logprobs", "top_logprobs"}
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 6
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(6)]
+    ids = encode_prompt(demo_model.tokenizer, CHAT_PROMPT)
+    with torch.no_grad():
+        logits = demo_model.model(torch.tensor([ids])).logits[0, -1].float()
+    first = int(logits.argmax())
+    assert lp["tokens"][0] == demo_model.tokenizer.decode([first])
+    assert lp["token_logprobs"][0] == pytest.approx(float(logits.log_softmax(-1)[first]), abs=1e-3)
+    assert len(lp["top_logprobs"][0]) <= 2
+    sampled = {"model": MODEL, "prompt": CHAT_PROMPT, "temperature": 1.0, "max_new_tokens": 12, "echo": False,
+               "seed": 11, "presence_penalty": 0.5, "frequency_penalty": 0.5, "logit_bias": {"0": -100}}
+    runs = [requests.post(stack["worker"].url + "/worker_generate", json=sampled, timeout=TIMEOUT).json()["text"]
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    bad = requests.post(stack["worker"].url + "/worker_generate", json={**sampled, "presence_penalty": 3},
+                        timeout=TIMEOUT).json()
+    assert bad["error_code"] != 0 and "presence_penalty" in bad["text"]

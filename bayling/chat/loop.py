@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..context import fit_conversation
-from ..generation import PromptTooLongError, generate_stream
+from ..generation import generate_stream
+from ..tokens import PromptTooLongError
 from ..loading import LoadedModel
 from ..output import StreamChunk
 from ..params import GenerationParams

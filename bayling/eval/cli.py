@@ -8,25 +8,24 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..loading import ModelLoadError
-from .data import DATA_DIR
-from .engine import add_engine_args
+from .engine import add_eval_model_args
 from .judge import JudgeError
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 def _engine(ns: argparse.Namespace):
-    from .engine import Engine
+    from .engine import EvalModel
 
     if ns.model_name and ("/" in ns.model_name or ns.model_name.startswith(".")):
         raise ValueError(f"--model-name is used in file names; {ns.model_name!r} may not contain '/'")
-    return Engine.from_args(ns)
+    return EvalModel.from_args(ns)
 
 
 def cmd_fetch_data(ns: argparse.Namespace) -> int:
     from .data import fetch_data
 
-    failures = fetch_data(Path(ns.dest), ns.base_url, ns.force)
+    failures = fetch_data(Path(ns.dest) if ns.dest else None, ns.base_url, ns.force)
     return 1 if failures else 0
 
 
@@ -34,7 +33,12 @@ def cmd_answer(ns: argparse.Namespace) -> int:
     from .answer import answer_rows
     from .data import load_questions
 
-    rows = load_questions(ns.questions, ns.allow_modified)  # checked before the model loads
+    data_dir = Path(ns.data_dir) if ns.data_dir else None
+    rows = load_questions(ns.questions, ns.allow_modified, data_dir)  # checked before the model loads
+    if ns.limit is not None:
+        if ns.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {ns.limit}")
+        rows = rows[:ns.limit]
     done = answer_rows(_engine(ns), rows, Path(ns.output))
     print(f"{done} rows in {ns.output}")
     return 0
@@ -95,7 +99,9 @@ def cmd_exam(ns: argparse.Namespace) -> int:
 def cmd_score_exam(ns: argparse.Namespace) -> int:
     from .exam_score import format_scores, score_exam, scores_json
 
-    scores = score_exam(Path(ns.pred_dir), Path(ns.gold_dir), ns.model)
+    print(f"scoring rule: {ns.rule}" + (" (AGIEval's post_process, as the BayLing paper)" if ns.rule == "agieval"
+                                          else " (this project's stricter reading; not the paper's numbers)"))
+    scores = score_exam(Path(ns.pred_dir), Path(ns.gold_dir), ns.model, ns.rule)
     if not scores:
         raise ValueError(f"no task in {ns.pred_dir} could be scored against {ns.gold_dir}")
     _emit(format_scores(scores), scores_json(scores), ns.json)
@@ -139,12 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if model:
-            add_engine_args(p)
+            add_eval_model_args(p)
         p.set_defaults(handler=handler)
         return p
 
     p = add("fetch-data", cmd_fetch_data, "download BayLing-80 from upstream and verify size and sha256")
-    p.add_argument("--dest", default=str(DATA_DIR), help="where to put the files")
+    p.add_argument("--dest", default=None,
+                   help="where to put the files (default: $BAYLING_DATA_DIR or ~/.local/share/bayling/BayLing-80)")
     p.add_argument("--base-url", default=None, help="another source folder/URL holding the four files")
     p.add_argument("--force", action="store_true", help="download again even if a file is present")
 
@@ -153,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a .jsonl file, or singleturn.en / singleturn.zh / multiturn.en / multiturn.zh")
     p.add_argument("--output", required=True, help="answers .jsonl (resumed if it exists)")
     p.add_argument("--allow-modified", action="store_true", help="accept an upstream file whose checksum differs")
+    p.add_argument("--data-dir", default=None,
+                   help="where short names resolve (default: as fetch-data --dest)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
 
     for name, handler, help_text, src_flag in (
             ("translate", cmd_translate, "translate a plain-text file, one hypothesis line per segment", "--src"),
@@ -186,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("score-exam", cmd_score_exam, "accuracy per AGIEval task")
     p.add_argument("--pred-dir", required=True)
-    p.add_argument("--gold-dir", required=True)
+    p.add_argument("--gold-dir", required=True,
+                   help="AGIEval data/v1 task files; the paper used them as of June 2023 (see docs/eval.md)")
+    p.add_argument("--rule", default="agieval", choices=("agieval", "strict"),
+                   help="answer extraction: AGIEval's (reproduces published numbers) or the project's stricter one")
     p.add_argument("--model", default=None, help="which model's predictions, if the folder holds several")
     p.add_argument("--json", action="store_true", help="last line: {task: accuracy_percent}")
 
@@ -223,3 +236,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume", file=sys.stderr)
         return 130
+
+
+def run() -> None:
+    """The console command `bayling-eval`."""
+    sys.exit(main())

@@ -12,12 +12,22 @@ from typing import Any, Optional
 
 from .io import read_jsonl
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DATA_DIR = REPO_ROOT / "data" / "BayLing-80"
-MANIFEST = DATA_DIR / "manifest.json"
+# The manifest ships with the package; the data goes to a per-user folder (or --data-dir / --dest,
+# or $BAYLING_DATA_DIR), never into the installed package or a checkout.
+MANIFEST = Path(__file__).with_name("bayling80_manifest.json")
+DATA_DIR_ENV = "BAYLING_DATA_DIR"
+FILE_MODE = 0o644  # readable by others, like any downloaded data set
 DOWNLOAD_TIMEOUT_S = 30
 # Short names users may type instead of a path: "singleturn.en" -> BayLing-80.singleturn.en.jsonl
 SHORT_PREFIX, SHORT_SUFFIX = "BayLing-80.", ".jsonl"
+
+
+def default_data_dir() -> Path:
+    """$BAYLING_DATA_DIR, else $XDG_DATA_HOME/bayling/BayLing-80 (~/.local/share/bayling/BayLing-80)."""
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "bayling" / "BayLing-80"
 
 
 class ChecksumError(ValueError):
@@ -69,8 +79,9 @@ def _place_hint(f: DataFile, target: Path) -> str:
             f"({f.size} bytes, sha256 {f.sha256}); then run fetch-data again to verify it")
 
 
-def fetch_data(dest: Path = DATA_DIR, base_url: Optional[str] = None, force: bool = False) -> int:
+def fetch_data(dest: Optional[Path] = None, base_url: Optional[str] = None, force: bool = False) -> int:
     """Download every manifest file into dest, verified; returns how many files are missing or bad."""
+    dest = default_data_dir() if dest is None else dest
     dest.mkdir(parents=True, exist_ok=True)
     failures = 0
     for f in load_manifest():
@@ -100,25 +111,27 @@ def fetch_data(dest: Path = DATA_DIR, base_url: Optional[str] = None, force: boo
             continue
         with tempfile.NamedTemporaryFile(dir=dest, prefix=f".{f.name}.", suffix=".part", delete=False) as tmp:
             tmp.write(data)
+        os.chmod(tmp.name, FILE_MODE)  # NamedTemporaryFile creates it 0600
         os.replace(tmp.name, target)  # atomic: the file is complete or absent
         print(f"fetched   {target}")
     return failures
 
 
-def resolve_questions(name_or_path: str, data_dir: Path = DATA_DIR) -> Path:
-    """A path, or a short name such as 'singleturn.en' for the fetched upstream file."""
+def resolve_questions(name_or_path: str, data_dir: Optional[Path] = None) -> Path:
+    """A path, or a short name such as 'singleturn.en' for the fetched upstream file in data_dir."""
+    data_dir = default_data_dir() if data_dir is None else data_dir
     path = Path(name_or_path)
     if path.exists() or os.sep in name_or_path or name_or_path.endswith(SHORT_SUFFIX):
         return path
     return data_dir / f"{SHORT_PREFIX}{name_or_path}{SHORT_SUFFIX}"
 
 
-def load_questions(name_or_path: str, allow_modified: bool = False, data_dir: Path = DATA_DIR) -> list[dict]:
+def load_questions(name_or_path: str, allow_modified: bool = False, data_dir: Optional[Path] = None) -> list[dict]:
     """BayLing-80-format rows. A file named like an upstream one must match its checksum."""
     path = resolve_questions(name_or_path, data_dir)
     known = {f.name: f for f in load_manifest()}
     if not path.exists():
-        hint = (" (run `python -m bayling.eval fetch-data` to download the upstream files)"
+        hint = (f" (run `python -m bayling.eval fetch-data --dest {path.parent}` to download the upstream files)"
                 if path.name in known else "")
         raise FileNotFoundError(f"question file {path} does not exist{hint}")
     if path.name in known and not allow_modified:

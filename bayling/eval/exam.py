@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .engine import Engine
+from .engine import EvalModel
 from .io import ResumableWriter, read_jsonl
 
 # AGIEval v1's tasks by kind (facts from AGIEval's dataset loader).
@@ -65,7 +65,7 @@ def find_tasks(task_dir: Path, tasks: Optional[Sequence[str]] = None) -> list[st
     return found
 
 
-def run_exam(engine: Engine, task_dir: Path, output_dir: Path, tasks: Optional[Sequence[str]] = None,
+def run_exam(engine: EvalModel, task_dir: Path, output_dir: Path, tasks: Optional[Sequence[str]] = None,
              limit: Optional[int] = None) -> dict[str, Path]:
     """Predict every task; each prediction file is resumable on its own."""
     written = {}

@@ -1,6 +1,12 @@
-"""`score-exam`: accuracy per AGIEval task, with AGIEval's answer-extraction conventions.
+"""`score-exam`: accuracy per AGIEval task, under one of two answer-extraction rules.
 
-Choice questions: the option letter that follows an answer phrase ("Answer is choice (B)",
+`agieval` (default) is the convention of AGIEval's post_process.py, which produced the BayLing
+paper's exam tables: a single answer is the first capital A-F anywhere in the reply after deleting
+the case-sensitive substrings "Answer" and "Choice" (a capital inside a word counts); a
+multi-answer reply is every capital A-F in it, as a set; cloze answers use math_equiv.
+
+`strict` is this project's closer reading, which reads replies better but does not reproduce
+published numbers. Choice questions: the option letter that follows an answer phrase ("Answer is choice (B)",
 "The answer is C", "答案是选项(A)", "答案：B", "应选择D"); without one, the first option
 letter standing on its own (AGIEval's zero-shot rule of "first capital letter", but a letter
 inside a word such as the A of "Answer" or of "DNA" does not count). Multi-answer tasks
@@ -84,15 +90,41 @@ def gold_answer(row: dict) -> Any:
     return label if label not in (None, "", []) else row.get("answer")
 
 
-def is_correct(task: str, text: str, gold: Any) -> bool:
-    """AGIEval's per-task comparison of one prediction with its gold answer."""
+_AGIEVAL_LETTER = re.compile(r"[A-F]")
+_AGIEVAL_LETTERS = re.compile(r"\(*([A-F])\)*")
+
+
+def agieval_choice(text: str) -> str:
+    """AGIEval's zero-shot single answer: first capital A-F once "Answer" and "Choice" are deleted."""
+    match = _AGIEVAL_LETTER.search(text.replace("Answer", "").replace("Choice", ""))
+    return match.group(0) if match else ""
+
+
+def agieval_choices(text: str) -> set[str]:
+    """AGIEval's multi-answer reading: every capital A-F in the reply."""
+    return set(_AGIEVAL_LETTERS.findall(text))
+
+
+RULES = {"agieval": (agieval_choice, agieval_choices), "strict": (extract_choice, extract_choices)}
+DEFAULT_RULE = "agieval"
+
+
+def check_rule(rule: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"unknown scoring rule {rule!r}; choose one of: {', '.join(RULES)}")
+
+
+def is_correct(task: str, text: str, gold: Any, rule: str = DEFAULT_RULE) -> bool:
+    """The per-task comparison of one prediction with its gold answer, under `rule`."""
+    check_rule(rule)
+    single, multi = RULES[rule]
     if task in ENGLISH_CLOZE or task in CHINESE_CLOZE:
         return math_equal(extract_math_answer(text), None if gold is None else str(gold))
     if task in MULTI_ANSWER:
         want = set(gold) if isinstance(gold, list) else {gold}
-        return extract_choices(text) == want
+        return multi(text) == want
     want = gold[0] if isinstance(gold, list) and len(gold) == 1 else gold
-    return extract_choice(text) == want
+    return single(text) == want
 
 
 @dataclass(frozen=True)
@@ -125,18 +157,20 @@ def find_predictions(pred_dir: Path, model: Optional[str] = None) -> dict[str, P
     return next(iter(found.values()))
 
 
-def score_task(task: str, predictions: Path, gold: Path) -> TaskScore:
+def score_task(task: str, predictions: Path, gold: Path, rule: str = DEFAULT_RULE) -> TaskScore:
     task_kind(task)
     preds, golds = read_jsonl(predictions), read_jsonl(gold)
     if len(preds) != len(golds):
         raise ValueError(f"{task}: {len(preds)} predictions in {predictions.name} but {len(golds)} questions in "
                          f"{gold}; the gold file must be the version the predictions were made from")
-    correct = sum(is_correct(task, prediction_text(p), gold_answer(g)) for p, g in zip(preds, golds))
+    correct = sum(is_correct(task, prediction_text(p), gold_answer(g), rule) for p, g in zip(preds, golds))
     return TaskScore(task, correct, len(golds))
 
 
-def score_exam(pred_dir: Path, gold_dir: Path, model: Optional[str] = None) -> list[TaskScore]:
+def score_exam(pred_dir: Path, gold_dir: Path, model: Optional[str] = None,
+               rule: str = DEFAULT_RULE) -> list[TaskScore]:
     """Scores for every task that has both a prediction file and a gold file; others are reported."""
+    check_rule(rule)
     scores = []
     for task, path in find_predictions(pred_dir, model).items():
         gold = gold_dir / f"{task}.jsonl"
@@ -149,7 +183,7 @@ def score_exam(pred_dir: Path, gold_dir: Path, model: Optional[str] = None) -> l
             print(f"warning: skipping {task}: no {gold}", file=sys.stderr)
             continue
         try:
-            scores.append(score_task(task, path, gold))
+            scores.append(score_task(task, path, gold, rule))
         except ValueError as e:
             print(f"warning: skipping {e}", file=sys.stderr)
     return scores

@@ -1,60 +1,20 @@
-"""`translate` and `constrained`: upstream BayLing's translation instructions, answered in batches."""
+"""`translate` and `constrained`: upstream BayLing's translation instructions (bayling.translation), in batches."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from .engine import Engine
+from ..translation import check_instruction_lang, constrained_instruction, instruction
+from .engine import EvalModel
 from .io import ResumableWriter, check_rows_match, read_jsonl, read_lines
-
-# Upstream's instructions (facts from the BayLing paper/repo); {tgt} is the target language's name.
-INSTRUCTIONS = {
-    "en": "Provide the {tgt} translation for this sentence: {src}",
-    "zh": "提供这句话的{tgt}翻译：{src}",
-}
-CONSTRAINT_SUFFIX = {
-    "en": "\nMake sure to include these words: {constraints}",
-    "zh": "\n确保包含这些词：{constraints}",
-}
-CONSTRAINT_SEPARATOR = {"en": ", ", "zh": "，"}
-
-# Language code -> (English name, Chinese name), as the instructions spell them.
-LANGUAGES = {
-    "en": ("English", "英文"), "zh": ("Chinese", "中文"), "de": ("German", "德语"), "fr": ("French", "法语"),
-    "ja": ("Japanese", "日语"), "ru": ("Russian", "俄语"), "cs": ("Czech", "捷克语"), "uk": ("Ukrainian", "乌克兰语"),
-    "es": ("Spanish", "西班牙语"), "it": ("Italian", "意大利语"), "ko": ("Korean", "韩语"), "ar": ("Arabic", "阿拉伯语"),
-    "pt": ("Portuguese", "葡萄牙语"), "hr": ("Croatian", "克罗地亚语"), "liv": ("Livonian", "利沃尼亚语"),
-    "sah": ("Yakut", "雅库特语"),
-}
-
-
-def language_name(code: str, instruction_lang: str) -> str:
-    """The target language as the instruction names it; an unknown code is used as given."""
-    names = LANGUAGES.get(code.lower())
-    if names is None:
-        return code
-    return names[0] if instruction_lang == "en" else names[1]
-
-
-def check_instruction_lang(lang: str) -> None:
-    if lang not in INSTRUCTIONS:
-        raise ValueError(f"--instruction-lang must be one of {', '.join(INSTRUCTIONS)}, got {lang!r}")
 
 
 def translation_instruction(src: str, tgt_lang: str, instruction_lang: str = "en") -> str:
-    """`Provide the Chinese translation for this sentence: ...` (or its Chinese form)."""
-    check_instruction_lang(instruction_lang)
-    return INSTRUCTIONS[instruction_lang].format(tgt=language_name(tgt_lang, instruction_lang), src=src)
+    """`Provide the Chinese translation for this sentence: ...` (or its Chinese form); tgt_lang is a code."""
+    return instruction(src, tgt_lang, instruction_lang)
 
 
-def constrained_instruction(src: str, constraints: list[str], tgt_lang: str, instruction_lang: str = "en") -> str:
-    """The translation instruction plus `Make sure to include these words: ...`."""
-    joined = CONSTRAINT_SEPARATOR[instruction_lang].join(constraints) if instruction_lang in INSTRUCTIONS else ""
-    return (translation_instruction(src, tgt_lang, instruction_lang)
-            + CONSTRAINT_SUFFIX[instruction_lang].format(constraints=joined))
-
-
-def run_translate(engine: Engine, source: Path, output: Path, tgt_lang: str, instruction_lang: str = "en") -> int:
+def run_translate(engine: EvalModel, source: Path, output: Path, tgt_lang: str, instruction_lang: str = "en") -> int:
     """One hypothesis line per source line (inner line breaks become spaces); resumable."""
     check_instruction_lang(instruction_lang)
     segments = read_lines(source)
@@ -76,7 +36,7 @@ def load_constrained(path: Path) -> list[dict]:
     return rows
 
 
-def run_constrained(engine: Engine, source: Path, output: Path, tgt_lang: str, instruction_lang: str = "en") -> int:
+def run_constrained(engine: EvalModel, source: Path, output: Path, tgt_lang: str, instruction_lang: str = "en") -> int:
     """Each {src, tgt, constraint} row plus `hypo`; resumable."""
     check_instruction_lang(instruction_lang)
     rows: list[Any] = load_constrained(source)

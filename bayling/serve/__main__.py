@@ -30,5 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_stack(plan)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console command `bayling-serve`."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from fastchat.constants import ErrorCode
 
@@ -183,7 +184,35 @@ def render_with_fastchat(conv: dict, system: Optional[str], messages: list[Messa
 PROBES: tuple[tuple[Optional[str], tuple[tuple[str, str], ...]], ...] = (
     (None, ((USER, "Hello there"),)),
     ("You are a probe.", ((USER, "What is 1+1?"), (ASSISTANT, "2."), (USER, "And 2+2?"))),
+    # Clients send text with stray whitespace and answers as they were streamed (often with a
+    # leading or trailing newline); our templates strip answers (and Llama-3 every message).
+    (None, ((USER, "   spaced question?   "), (ASSISTANT, "\n  an answer with spaces.\n\n"),
+            (USER, "\nnext line\n"), (ASSISTANT, "   "), (USER, " last "))),
 )
+
+# FastChat renders message text as given; these re-render a prompt it built from our conv dict the way
+# our own paths do (answers stripped, empty messages as open turns), so every path sends the same ids.
+_BAYLING3_TURN = re.compile(r"(<\|start_header_id\|>(?:user|assistant)<\|end_header_id\|>\n\n)(.*?)<\|eot_id\|>",
+                            re.DOTALL)
+_BAYLING_ANSWER = re.compile(r"(### Response:\n)(.*?)</s>\n", re.DOTALL)
+
+
+def _strip_turns(pattern: "re.Pattern[str]", end: str) -> Callable[[str], str]:
+    def canonical(prompt: str) -> str:
+        return pattern.sub(lambda m: m.group(1) + (m.group(2).strip() + end if m.group(2).strip() else ""), prompt)
+    return canonical
+
+
+CANONICALIZERS: dict[str, Callable[[str], str]] = {
+    "BayLing": _strip_turns(_BAYLING_ANSWER, "</s>\n"),
+    "BayLing-3": _strip_turns(_BAYLING3_TURN, "<|eot_id|>"),
+}
+
+
+def canonical_prompt(template: Template, prompt: str) -> str:
+    """A prompt rendered by FastChat from our conv dict, as our own renderer writes it (else unchanged)."""
+    canonical = CANONICALIZERS.get(template.name)
+    return canonical(prompt) if canonical else prompt
 
 
 def fastchat_conv(template: Template, tokenizer: Any) -> tuple[Optional[dict], str]:
@@ -198,7 +227,7 @@ def fastchat_conv(template: Template, tokenizer: Any) -> tuple[Optional[dict], s
     for system, turns in PROBES:
         messages = [Message(role, content) for role, content in turns]
         ours = Conversation(template, system, messages).prompt_for_reply(tokenizer)
-        theirs = render_with_fastchat(conv, system, messages)
+        theirs = canonical_prompt(template, render_with_fastchat(conv, system, messages))
         if ours != theirs:
             return conv, (f"FastChat's {conv['name']} style renders the {template.name!r} template differently "
                           f"(ours {ours[:60]!r}..., FastChat {theirs[:60]!r}...)")

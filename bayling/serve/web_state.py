@@ -14,18 +14,13 @@ from pathlib import Path
 from typing import Optional
 
 from ..params import GenerationParams
+from ..translation import LANGUAGES, translation_instruction  # noqa: F401 (the page's names for them)
 from .web_client import DEFAULT_READ_TIMEOUT_S
 
 CHAT, TRANSLATE = "chat", "translate"
 VOTES = ("upvote", "downvote", "flag")
 STOPPED_NOTE = "*(stopped)*"
 EMPTY_NOTE = "*(the model ended its answer without any text; try Regenerate)*"
-# Target-language names for BayLing's two translation instructions (English and Chinese).
-LANGUAGES = {
-    "English": "英文", "Chinese": "中文", "German": "德文", "French": "法文", "Japanese": "日文",
-    "Korean": "韩文", "Russian": "俄文", "Spanish": "西班牙文", "Italian": "意大利文",
-    "Portuguese": "葡萄牙文", "Arabic": "阿拉伯文", "Vietnamese": "越南文", "Thai": "泰文",
-}
 REFINE_EXAMPLES = ["Make it more formal.", "Make it shorter.", "Use simpler words.", "换一种更口语化的说法。"]
 # No web fonts: the page must look right on machines without internet access.
 THEME_FONT = ["system-ui", "-apple-system", "Segoe UI", "Noto Sans", "PingFang SC", "sans-serif"]
@@ -60,16 +55,6 @@ class Session:
 
 
 # ---- pure helpers -------------------------------------------------------------------------------------------
-
-def translation_instruction(text: str, source: str, target: str) -> str:
-    """BayLing's translation instruction: in Chinese for a Chinese source, in English otherwise."""
-    if target not in LANGUAGES:
-        raise ValueError(f"unknown target language {target!r}; choose one of: {', '.join(LANGUAGES)}")
-    text = text.strip()
-    if source == "Chinese":
-        return f"提供这句话的{LANGUAGES[target]}翻译：{text}"
-    return f"Provide the {target} translation for this sentence: {text}"
-
 
 def read_params(temperature: float, top_p: float, max_new_tokens: float) -> GenerationParams:
     """The sampling controls as validated GenerationParams (sliders hand over floats)."""

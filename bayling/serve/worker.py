@@ -23,9 +23,10 @@ from ..tokens import encode_prompt
 from ..loading import LoadedModel
 from ..output import StreamChunk
 from ..templates import choose_template
-from .engine import DEFAULT_MAX_BATCH, Engine
-from .protocol import Prepared, RequestError, chunk_payload, encode, error_payload, fastchat_conv, parse_body, \
-    prepare_request
+from ..engine.core import DEFAULT_MAX_NUM_SEQS as DEFAULT_MAX_BATCH
+from ..engine.driver import EngineThread, build_engine
+from .protocol import Prepared, RequestError, canonical_prompt, chunk_payload, encode, error_payload, fastchat_conv, \
+    parse_body, prepare_request
 
 log = logging.getLogger("bayling.serve.worker")
 
@@ -46,8 +47,11 @@ class WorkerConfig:
     controller_address: str = DEFAULT_CONTROLLER
     model_names: Optional[list[str]] = None
     conv_template: Optional[str] = None
-    limit_worker_concurrency: int = DEFAULT_MAX_BATCH
+    limit_worker_concurrency: int = DEFAULT_MAX_BATCH  # the engine's --max-num-seqs
     stream_interval: int = 2
+    max_num_batched_tokens: Optional[int] = None
+    kv_cache_memory: Optional[int] = None
+    gpu_memory_utilization: Optional[float] = None
     no_register: bool = False
     worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
@@ -75,8 +79,12 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
 def worker_config_from(ns: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(host=ns.host, port=ns.port, worker_address=ns.worker_address,
                         controller_address=ns.controller_address.rstrip("/"), model_names=ns.model_names,
-                        conv_template=ns.conv_template, limit_worker_concurrency=ns.limit_worker_concurrency,
-                        stream_interval=ns.stream_interval, no_register=ns.no_register)
+                        conv_template=ns.conv_template,
+                        limit_worker_concurrency=getattr(ns, "max_num_seqs", None) or ns.limit_worker_concurrency,
+                        stream_interval=ns.stream_interval, no_register=ns.no_register,
+                        max_num_batched_tokens=getattr(ns, "max_num_batched_tokens", None),
+                        kv_cache_memory=getattr(ns, "kv_cache_memory", None),
+                        gpu_memory_utilization=getattr(ns, "gpu_memory_utilization", None))
 
 
 class Worker:
@@ -88,8 +96,10 @@ class Worker:
         self.lm, self.config = lm, config
         self.template = choose_template(lm.name, config.conv_template)
         self.model_names = config.model_names or [lm.name]
-        self.engine = Engine(lm.model, lm.tokenizer, context_len=lm.context_len,
-                             max_batch=config.limit_worker_concurrency, stream_interval=config.stream_interval)
+        self.engine = EngineThread(build_engine(
+            lm.model, lm.tokenizer, context_len=lm.context_len, max_num_seqs=config.limit_worker_concurrency,
+            max_num_batched_tokens=config.max_num_batched_tokens, kv_cache_memory=config.kv_cache_memory,
+            gpu_memory_utilization=config.gpu_memory_utilization))
         self.conv, self.conv_problem = fastchat_conv(self.template, lm.tokenizer)
         if self.conv_problem:
             log.warning("%s; FastChat's OpenAI server cannot be used with this model, "
@@ -145,7 +155,10 @@ class Worker:
 
     # --- requests ----------------------------------------------------------------------------
     def prepare(self, body: bytes) -> Prepared:
-        return prepare_request(parse_body(body), self.template, self.lm.tokenizer, self.lm.context_len)
+        data = parse_body(body)
+        if isinstance(data.get("prompt"), str):  # FastChat's OpenAI server renders history as given
+            data["prompt"] = canonical_prompt(self.template, data["prompt"])
+        return prepare_request(data, self.template, self.lm.tokenizer, self.lm.context_len)
 
     async def stream(self, prepared: Prepared, request: Optional[Request] = None) -> AsyncIterator[StreamChunk]:
         """Run one request on the engine; abort it as soon as its client disconnects."""
@@ -156,7 +169,11 @@ class Worker:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        handle = self.engine.submit(prepared.input_ids, prepared.params, sink, prepared.prompt_text)
+        if prepared.params.n != 1:
+            raise RequestError(ErrorCode.PARAM_OUT_OF_RANGE, "the worker answers n=1 per request; "
+                               "send n requests (as FastChat's OpenAI server does)")
+        handle = self.engine.submit(prepared.input_ids, prepared.params, sink, prepared.prompt_text,
+                                    self.config.stream_interval)
         try:
             while True:
                 try:
@@ -174,6 +191,26 @@ class Worker:
                     return
         finally:
             handle.abort()  # no-op when finished; frees the slot when the client went away
+
+    def logprobs_payload(self, chunk: StreamChunk, prepared: Prepared) -> dict:
+        """FastChat's cumulative `logprobs` (text_offset, tokens, token_logprobs, top_logprobs) when asked."""
+        if prepared.params.logprobs is None:
+            return {}
+        tok = self.lm.tokenizer
+        entries = chunk.logprobs or ()
+        tokens = [tok.decode([e.token_id]) for e in entries]
+        token_logprobs: list = [e.logprob for e in entries]
+        top: list = [{tok.decode([t]): v for t, v in e.top} for e in entries]
+        if prepared.params.echo:  # the prompt's own logprobs are not computed (logits of the last position only)
+            prompt = [tok.decode([t]) for t in prepared.input_ids]
+            tokens, token_logprobs, top = prompt + tokens, [None] * len(prompt) + token_logprobs, \
+                [{}] * len(prompt) + top
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"logprobs": {"text_offset": offsets, "tokens": tokens, "token_logprobs": token_logprobs,
+                             "top_logprobs": top}}
 
     def count_tokens(self, body: bytes) -> dict:
         data = parse_body(body)
@@ -196,7 +233,7 @@ def error_reply(e: BaseException) -> dict:
 async def _stream_bytes(worker: Worker, prepared: Prepared, request: Request) -> AsyncIterator[bytes]:
     try:
         async for chunk in worker.stream(prepared, request):
-            yield encode(chunk_payload(chunk, prepared.extra))
+            yield encode(chunk_payload(chunk, {**prepared.extra, **worker.logprobs_payload(chunk, prepared)}))
     except Exception as e:
         yield encode(error_reply(e))
 
@@ -232,7 +269,7 @@ def create_app(worker: Worker) -> FastAPI:
                 pass
             if last is None:
                 raise RequestError(ErrorCode.INTERNAL_ERROR, "the client disconnected")
-            return JSONResponse(chunk_payload(last, prepared.extra))
+            return JSONResponse(chunk_payload(last, {**prepared.extra, **w.logprobs_payload(last, prepared)}))
         except Exception as e:
             return JSONResponse(error_reply(e))
 
