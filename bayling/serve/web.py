@@ -1,346 +1,335 @@
 """The chat page: a Gradio app that streams answers from our model workers through FastChat's controller.
 
-Two panels share the model picker, system prompt and sampling controls: a plain chat and an
-interactive translation (translate, then refine with follow-up instructions). Each browser tab
-keeps its conversations in gr.State; Stop ends the stream, and closing the stream is what makes
-the worker abort the request.
+The layout and its event wiring; what each event does lives in web_service.py (answers, Stop, votes)
+and web_sidebar.py (the conversations kept in the browser). Two panels share the model picker,
+system prompt and sampling settings: a chat and an interactive translation.
 """
 from __future__ import annotations
 
-import logging
-from contextlib import aclosing
-from datetime import datetime
-from typing import Any, AsyncIterator, Optional
+from typing import Any, Optional
 
 import gradio as gr
 
-from ..params import GenerationParams
-from .web_state import (CHAT, TRANSLATE, VOTES, STOPPED_NOTE, EMPTY_NOTE, LANGUAGES, REFINE_EXAMPLES, THEME_FONT, CSS,
-                        WebConfig, Session, translation_instruction, read_params, build_payload,
-                        no_worker_message, error_note, render_chat, vote_record, append_log,
-                        drop_empty_reply, STOP, CLEAR, CLEAR_WAIT_S,
-                        StreamToken, Streams)
-from .web_client import (NO_WORKER, WORKER_GONE, ControllerClient, ServeError,
-                         default_system_prompt, generate_stream, until_set)
+from .web_client import ServeError
+from .web_selected import build_selected_panel
+from .web_service import BUSY_NOTE, CONTINUE, NEW, REGENERATE, ChatService, key_of
+from .web_sidebar import build_sidebar
+from .web_state import (CHAT, CSS, LANGUAGES, REFINE_EXAMPLES, THEME_FONT, TRANSLATE, Session, WebConfig,
+                        error_note, message_at, no_worker_message, read_params, render_chat,
+                        translation_instruction)
 
-log = logging.getLogger("bayling.serve.web")
+EXAMPLES = ["Explain what a large language model is, in three sentences.",
+            "Write a Python function that checks whether a string is a palindrome.",
+            "Translate into Chinese: The weather is lovely today, let's go for a walk in the park.",
+            "Give me three ideas for a weekend trip."]
+PAGE_JS = """(store, width) => { document.documentElement.lang = 'en'; return [store, window.innerWidth]; }"""
 
 
-def _key(request: Optional[gr.Request], panel: str) -> tuple[str, str]:
-    return (getattr(request, "session_hash", None) or "anonymous", panel)
+def _welcome(model: Optional[str]) -> str:
+    name = f"**{model}**" if model else "no model yet (start a worker, then press Refresh)"
+    return f"### Chat with {name}\nAsk anything, or start from an example below."
 
 
-class ChatService:
-    """The page's behaviour, independent of its layout: each public method is one event handler."""
+class Page:
+    """The components both panels share, and the service behind them."""
 
-    def __init__(self, config: WebConfig) -> None:
-        self.config = config
-        self.controller = ControllerClient(config.controller_url)
-        self.streams = Streams()
+    def __init__(self, service: ChatService, model, system, temperature, top_p, max_new_tokens, settings_error):
+        self.service = service
+        self.model, self.system, self.settings_error = model, system, settings_error
+        self.settings = [model, system, temperature, top_p, max_new_tokens]
+        self.streaming = {"concurrency_id": "generate", "concurrency_limit": service.config.concurrency}
 
-    async def load_models(self, current: Optional[str] = None) -> tuple[Any, Any, str]:
-        """(model dropdown, system prompt, status line) from the controller's list."""
-        try:
-            models = await self.controller.list_models()
-        except ServeError as e:
-            return gr.Dropdown(choices=[], value=None), gr.skip(), error_note(str(e))
-        if not models:
-            return gr.Dropdown(choices=[], value=None), "", error_note(no_worker_message(self.controller.url))
-        model = current if current in models else models[0]
-        return gr.Dropdown(choices=models, value=model), await self.system_for(model), ""
-
-    async def system_for(self, model: Optional[str]) -> str:
-        """The chosen model's default system prompt, to prefill the editable box."""
-        if not model:
-            return ""
-        try:
-            return await default_system_prompt(await self.controller.worker_address(model)) or ""
-        except ServeError:
-            return ""
-
-    async def sync_models(self, session: Session, model: Optional[str]) -> Any:
-        """After a worker vanished: refresh the model picker; otherwise leave it alone."""
-        if not session.workers_changed:
-            return gr.skip()
-        session.workers_changed = False
-        try:
-            models = await self.controller.list_models(refresh=False)
-        except ServeError:
-            return gr.skip()
-        return gr.Dropdown(choices=models, value=model if model in models else (models[0] if models else None))
-
-    async def answer(self, key: tuple[str, str], session: Session, model: Optional[str], system: Optional[str],
-                     params: GenerationParams) -> AsyncIterator[Session]:
-        """Stream the reply to session.messages into the session, yielding it after each chunk."""
-        token = self.streams.start(key)
-        assert token is not None, "handlers call take_turn() before changing the conversation"
-        try:  # however this ends (also closed by Gradio mid-stream), the panel must be freed
-            session.notice, session.context_note, session.model = "", "", model or ""
-            session.system = system if system and system.strip() else None
-            session.params = {"temperature": params.temperature, "top_p": params.top_p,
-                              "max_new_tokens": params.max_new_tokens}
-            yield session  # the user's message appears at once
-            try:
-                async with aclosing(self._stream_reply(session, model, params, token)) as steps:
-                    async for _ in steps:  # closing it closes the HTTP stream: the worker aborts
-                        yield session
-            except ServeError as e:
-                if not token.reason:  # after Stop or Clear a broken stream is expected, not news
-                    session.notice = error_note(str(e))
-                    if e.kind in (WORKER_GONE, NO_WORKER):
-                        session.workers_changed = True
-                        await self._forget_dead_workers()
-            except Exception as e:  # a bug must still end in a message, not a spinner
-                log.exception("answering failed")
-                session.notice = error_note(f"the web server failed: {type(e).__name__}: {e}")
-            if token.reason == STOP:
-                session.notice = STOPPED_NOTE
-            if not drop_empty_reply(session) and not session.notice:
-                session.notice = EMPTY_NOTE
-            if token.reason != CLEAR:  # Clear draws the empty chat itself, after this returns
-                yield session
-        finally:
-            self.streams.finish(key, token)
-
-    async def _stream_reply(self, session: Session, model: Optional[str], params: GenerationParams,
-                            token: StreamToken) -> AsyncIterator[None]:
-        """Append the worker's answer to session.messages, updating it in place after each chunk."""
-        if not model:
-            raise await self._no_model_error()
-        address = await self.controller.worker_address(model)
-        payload = build_payload(model, session.messages, session.system, params)
-        reply: Optional[dict] = None
-        async with generate_stream(address, payload, self.config.timeout_s) as chunks:
-            async for chunk in until_set(token.stopped, chunks):
-                if reply is None and not chunk.text:
-                    continue  # no empty bubble before the first words
-                if reply is None:
-                    reply = {"role": "assistant", "content": ""}
-                    session.messages.append(reply)
-                reply["content"], session.context_note = chunk.text, chunk.notice
-                yield
-
-    async def _forget_dead_workers(self) -> None:
-        try:
-            await self.controller.refresh()  # the controller drops dead workers now instead of in 90 s
-        except ServeError:
-            pass
-
-    async def _no_model_error(self) -> ServeError:
-        models = await self.controller.list_models()  # a ServeError here (controller down) says more
-        if models:
-            return ServeError(f"no model is selected: pick one of {', '.join(models)} above", NO_WORKER)
-        return ServeError(no_worker_message(self.controller.url), NO_WORKER)
-
-    async def take_turn(self, panel: str, request: Optional[gr.Request]) -> bool:
-        """Before a new question: stop the panel's running answer (it keeps its partial text) and wait
-        until it is done; False if it would not end, and the new question must be dropped."""
-        key = _key(request, panel)
-        await self.streams.stop(key, STOP, wait_s=CLEAR_WAIT_S)
-        return not self.streams.busy(key)
-
-    async def stop(self, panel: str, request: Optional[gr.Request]) -> None:
-        """Stop the panel's answer; what was streamed so far stays in the conversation."""
-        await self.streams.stop(_key(request, panel), STOP)
-
-    async def clear(self, panel: str, request: Optional[gr.Request]) -> None:
-        """End the panel's answer (if any) and wait until it has drawn its last output."""
-        await self.streams.stop(_key(request, panel), CLEAR, wait_s=CLEAR_WAIT_S)
-
-    def vote(self, kind: str, session: Session, request: Optional[gr.Request]) -> str:
-        """Append the conversation to today's log; returns the status line to show."""
-        if not session.messages:
-            return "Nothing to log yet: start a conversation first."
-        now = datetime.now()
-        ip = getattr(getattr(request, "client", None), "host", None)
-        path = append_log(self.config.log_dir, vote_record(kind, session, ip, now), now)
-        return f"Logged your {kind} to `{path}` at {now:%H:%M:%S}."
-
-    async def run(self, panel: str, session: Session, request: Optional[gr.Request], model: Optional[str],
-                  system: Optional[str], temperature: float, top_p: float, max_new_tokens: float
-                  ) -> AsyncIterator[tuple[Session, list[dict]]]:
-        """Answer the conversation as it stands (its last message is the user's); yields (session, chat)."""
+    async def run(self, panel: str, request, session: Session, model, system, temperature, top_p, max_new_tokens,
+                  mode: str = NEW):
+        """Answer the conversation as it stands; yields (session, chat, send, stop, continue)."""
         try:
             params = read_params(temperature, top_p, max_new_tokens)
         except ValueError as e:
-            session.notice = error_note(str(e))
-            yield session, render_chat(session)
+            session.notice = error_note(f"{e} (fix it under Settings)")
+            yield session, render_chat(session), *_buttons(False, session)
             return
-        async for s in self.answer(_key(request, panel), session, model, system, params):
-            yield s, render_chat(s)
-
-    def regenerable(self, session: Session) -> bool:
-        """Drop the last answer so that it can be asked for again; False when there is nothing to redo."""
-        session.notice = ""
-        if session.messages and session.messages[-1]["role"] == "assistant":
-            session.messages.pop()
-        if not session.messages:
-            session.notice = "Nothing to regenerate yet."
-            return False
-        return True
+        async for s in self.service.answer(key_of(request, panel), session, model, system, params, mode):
+            busy = self.service.busy(key_of(request, panel)) and s.notice != BUSY_NOTE
+            yield s, render_chat(s), *_buttons(busy, s)
 
 
-# ---- the page -----------------------------------------------------------------------------------------------
-
-def _panel_controls(panel: str) -> tuple[gr.Button, gr.Button, gr.Button, list[gr.Button], gr.Markdown]:
-    with gr.Row():
-        stop = gr.Button("Stop", variant="stop", elem_id=f"{panel}-stop")
-        regenerate = gr.Button("Regenerate", elem_id=f"{panel}-regenerate")
-        clear = gr.Button("Clear", elem_id=f"{panel}-clear")
-    with gr.Row():
-        votes = [gr.Button(label, size="sm", elem_id=f"{panel}-{kind}")
-                 for kind, label in zip(VOTES, ("Upvote", "Downvote", "Flag"))]
-    status = gr.Markdown(elem_classes="vote-status", elem_id=f"{panel}-vote-status")
-    return stop, regenerate, clear, votes, status
+def _buttons(busy: bool, session: Session) -> tuple:
+    """Send and Stop share one place: while answering only Stop shows. Continue: after a cut-off answer."""
+    last = session.messages[-1] if session.messages else {}
+    cut = not busy and last.get("role") == "assistant" and (last.get("stats") or {}).get("finish") == "length"
+    return gr.Button(visible=not busy), gr.Button(visible=busy), gr.Button(visible=cut)
 
 
-def _wire_panel(service: ChatService, panel: str, session: gr.State, chatbot: gr.Chatbot, model: gr.Dropdown,
-                settings: list, first_events: list, to_clear: list) -> None:
-    """Stop, Regenerate, Clear and the votes: the same for every conversation panel."""
-    stop, regenerate, clear, votes, vote_status = _panel_controls(panel)
-    streaming = {"concurrency_id": "generate", "concurrency_limit": service.config.concurrency}
+def _input_row(panel: str, placeholder: str, send_label: str = "Send", autofocus: bool = False):
+    with gr.Row(equal_height=True, elem_classes="input-row"):
+        text = gr.Textbox(show_label=False, placeholder=placeholder, lines=1, max_lines=8, scale=6,
+                          elem_id=f"{panel}-input" if panel == CHAT else "translate-refine", autofocus=autofocus)
+        send = gr.Button(send_label, variant="primary", scale=1, min_width=72,
+                         elem_id=f"{panel}-send" if panel == CHAT else "translate-refine-send")
+        stop = gr.Button("Stop", variant="stop", scale=1, min_width=72, visible=False, elem_id=f"{panel}-stop")
+    return text, send, stop
 
-    async def on_regenerate(request: gr.Request, session: Session, *values: Any):
-        if not await service.take_turn(panel, request):
-            yield gr.skip(), gr.skip()
+
+def _wire(page: Page, panel: str, session, chatbot, text, send, stop, status, comment, extra_outputs=()):
+    """Send, Stop, Retry, Edit, Undo, Continue and votes: the same for both panels."""
+    service = page.service
+    outs = [session, chatbot, send, stop, page.continue_buttons[panel]]
+
+    async def on_send(request: gr.Request, text: str, session: Session, *values: Any):
+        if not (text or "").strip():
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
-        if not service.regenerable(session):
-            yield session, render_chat(session)
+        if service.busy(key_of(request, panel)):  # refused with a note; the text stays in the box
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), BUSY_NOTE
             return
-        async for out in service.run(panel, session, request, *values):
+        if panel == TRANSLATE and not any(m["role"] == "assistant" for m in session.messages):
+            yield (gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
+                   "Translate something first, then refine the translation here.")
+            return
+        session.messages.append({"role": "user", "content": text.strip()})
+        first = True
+        async for out in page.run(panel, request, session, *values):
+            yield ("" if first else gr.skip()), *out, ""  # empty the box once; later yields leave new typing alone
+            first = False
+
+    async def on_retry(request: gr.Request, session: Session, *values: Any):
+        if not session.messages or service.busy(key_of(request, panel)):
+            yield session, render_chat(session), *_buttons(service.busy(key_of(request, panel)), session)
+            return
+        last = session.messages[-1]
+        last.pop("failed", None)
+        mode = REGENERATE if last["role"] == "assistant" else NEW
+        async for out in page.run(panel, request, session, *values, mode=mode):
             yield out
 
+    async def on_continue(request: gr.Request, session: Session, *values: Any):
+        async for out in page.run(panel, request, session, *values, mode=CONTINUE):
+            yield out
+
+    async def on_edit(request: gr.Request, data: gr.EditData, session: Session, *values: Any):
+        index = message_at(session, data.index)
+        if index is None or service.busy(key_of(request, panel)) or session.messages[index]["role"] != "user":
+            yield session, render_chat(session), *_buttons(service.busy(key_of(request, panel)), session)
+            return
+        new_text = data.value if isinstance(data.value, str) else str(data.value)
+        if panel == TRANSLATE and "shown" in session.messages[index]:  # edit the text, keep the instruction
+            old = session.messages[index]
+            old_content = old["content"].replace(old["shown"], new_text.strip())
+            session.messages[index] = {"role": "user", "content": old_content, "shown": new_text.strip()}
+        else:
+            session.messages[index] = {"role": "user", "content": new_text.strip()}
+        del session.messages[index + 1:]  # resend from the edited message
+        async for out in page.run(panel, request, session, *values):
+            yield out
+
+    def on_undo(request: gr.Request, session: Session):
+        """Delete the last turn (the question and its answer); the question goes back into the box."""
+        if service.busy(key_of(request, panel)) or not session.messages:
+            return gr.skip(), gr.skip(), gr.skip()
+        while session.messages and session.messages[-1]["role"] == "assistant":
+            session.messages.pop()
+        question = session.messages.pop() if session.messages else {"content": ""}
+        session.notice = ""
+        return session, render_chat(session), question.get("shown", question["content"])
+
     async def on_stop(request: gr.Request):
-        await service.stop(panel, request)
+        await service.stop(key_of(request, panel))
 
-    async def on_clear(request: gr.Request):
-        await service.clear(panel, request)
-        return (Session(), [], "", *[""] * len(to_clear))
+    def on_like(request: gr.Request, data: gr.LikeData, session: Session, comment: str):
+        ip = getattr(getattr(request, "client", None), "host", None)
+        return service.vote(key_of(request, panel), session, data.index, data.liked, comment, ip)
 
-    events = [*first_events, regenerate.click(on_regenerate, [session, *settings], [session, chatbot], **streaming)]
-    for event in events:
-        event.then(service.sync_models, [session, model], model)
+    def reset(request: gr.Request, session: Session):
+        return _buttons(service.busy(key_of(request, panel)), session)  # a refused send leaves Stop in place
+
+    streaming = page.streaming
+    send_outs = [text, *outs, status]
+    events = [text.submit(on_send, [text, session, *page.settings], send_outs, trigger_mode="multiple", **streaming),
+              send.click(on_send, [text, session, *page.settings], send_outs, **streaming),
+              chatbot.retry(on_retry, [session, *page.settings], outs, **streaming),
+              chatbot.edit(on_edit, [session, *page.settings], outs, **streaming),
+              page.continue_buttons[panel].click(on_continue, [session, *page.settings], outs, **streaming)]
+    for event in events:  # the last streamed output still says busy: put Send back once the event is over
+        event.then(reset, session, [send, stop, page.continue_buttons[panel]], queue=False)
+        after = event.then(page.sync_models, [session, page.model], page.model)
+        page.after_answer(panel, after, session)
+    chatbot.undo(on_undo, session, [session, chatbot, text], queue=False)
     stop.click(on_stop, None, None, queue=False)
-    # The Chatbot's own trash icon must clear the conversation too, not only what is drawn.
-    for trigger in (clear.click, chatbot.clear):
-        trigger(on_clear, None, [session, chatbot, vote_status, *to_clear], queue=False)
-    for kind, button in zip(VOTES, votes):
-        def on_vote(request: gr.Request, session: Session, kind: str = kind):
-            return service.vote(kind, session, request)
-        button.click(on_vote, session, vote_status, queue=False)
+    chatbot.like(on_like, [session, comment], status, queue=False)
+    return events
 
 
 def build_demo(config: WebConfig) -> gr.Blocks:
     """The whole page; launch it with run_web_server or mount it in a FastAPI app."""
     service = ChatService(config)
-    streaming = {"concurrency_id": "generate", "concurrency_limit": config.concurrency}
     with gr.Blocks(title=config.title, analytics_enabled=False) as demo:
-        gr.Markdown(f"# {config.title}\nChat and interactive translation with the models your workers serve.",
-                    elem_id="bayling-title")
+        store = gr.BrowserState(None, storage_key="bayling-web-v1")
+        width = gr.Number(visible=False, value=0)
+        chat_session, translate_session = gr.State(Session()), gr.State(Session())
+        sidebar = build_sidebar(service, store, chat_session)
+        gr.Markdown(f"## {config.title}", elem_id="bayling-title")
         with gr.Row():
-            with gr.Column(scale=1, min_width=280):
-                with gr.Row(equal_height=True):
-                    model = gr.Dropdown(label="Model", choices=[], value=None, scale=5, elem_id="model-picker")
-                    reload = gr.Button("↻", scale=0, min_width=44, elem_id="reload-models")
-                status = gr.Markdown(elem_id="model-status")
-                system = gr.Textbox(label="System prompt", lines=4, max_lines=12, elem_id="system-prompt",
-                                    placeholder="Empty: the model's default system prompt")
-                with gr.Accordion("Sampling", open=True):
-                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", info="0 = greedy",
-                                            elem_id="temperature")
-                    top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top p", elem_id="top-p")
-                    max_new_tokens = gr.Slider(16, 4096, value=512, step=16, label="Max new tokens",
-                                               elem_id="max-new-tokens")
-            with gr.Column(scale=3):
-                settings = [model, system, temperature, top_p, max_new_tokens]
+            with gr.Column(scale=3, min_width=320):
                 with gr.Tabs():
                     with gr.Tab("Chat", id=CHAT, elem_id="chat-tab"):
-                        _chat_panel(service, model, settings, streaming)
+                        chatbot = gr.Chatbot(show_label=False, height="62vh", min_height=260, elem_id="chat-chatbot",
+                                             buttons=["copy"], editable="user", placeholder=_welcome(None),
+                                             feedback_options=("Like", "Dislike", "Flag"),
+                                             examples=[{"text": e} for e in EXAMPLES])
+                        text, send, stop = _input_row(CHAT, "Message (Enter to send, Shift+Enter for a new line)",
+                                                      autofocus=True)
+                        with gr.Row(elem_classes="answer-actions"):
+                            chat_continue = gr.Button("Continue", size="sm", visible=False, elem_id="chat-continue")
+                            chat_comment = gr.Textbox(show_label=False, placeholder="Comment for your next vote "
+                                                      "(optional)", lines=1, scale=4, elem_id="chat-comment")
+                        chat_status = gr.Markdown(elem_classes="vote-status", elem_id="chat-status")
+                        selected_events = build_selected_panel(service, CHAT, chat_session, chatbot)
                     with gr.Tab("Translate", id=TRANSLATE, elem_id="translate-tab"):
-                        _translate_panel(service, model, settings, streaming)
-        demo.load(service.load_models, model, [model, system, status])
-        reload.click(service.load_models, model, [model, system, status])
+                        tr = _translate_layout()
+            with gr.Column(scale=1, min_width=280):
+                with gr.Accordion("Model and settings", open=True, elem_id="settings") as settings_box:
+                    with gr.Row(equal_height=True):
+                        model = gr.Dropdown(label="Model", choices=[], value=None, scale=5, elem_id="model-picker")
+                        reload = gr.Button("Refresh", scale=0, min_width=70, size="sm", elem_id="reload-models")
+                    status = gr.Markdown(elem_id="model-status")
+                    system = gr.Textbox(label="System prompt", lines=3, max_lines=12, elem_id="system-prompt",
+                                        placeholder="Empty: the model's default system prompt")
+                    temperature = gr.Number(0.7, label="Temperature", info="0 to 2; 0 = greedy", elem_id="temperature")
+                    top_p = gr.Number(1.0, label="Top p", info="above 0, at most 1", elem_id="top-p")
+                    max_new_tokens = gr.Number(512, label="Max new tokens", info="1 to 4096", precision=0,
+                                               elem_id="max-new-tokens")
+                    settings_error = gr.Markdown(elem_id="settings-error")
+        page = Page(service, model, system, temperature, top_p, max_new_tokens, settings_error)
+        page.continue_buttons = {CHAT: chat_continue, TRANSLATE: tr["continue"]}
+        page.sync_models = _sync_models(service)
+        page.after_answer = lambda panel, event, session: (
+            event.then(sidebar.save, [chat_session, store, *page.settings], [store, sidebar.list])
+            if panel == CHAT else None)
+        _wire(page, CHAT, chat_session, chatbot, text, send, stop, chat_status, chat_comment)
+        sidebar.wire(chatbot)
+        for event in selected_events:
+            page.after_answer(CHAT, event, chat_session)
+        _wire_translate(page, tr, translate_session)
+
+        def on_example(data: gr.SelectData):
+            return data.value.get("text", "") if isinstance(data.value, dict) else str(data.value)
+
+        chatbot.example_select(on_example, None, text, queue=False)
+        chatbot.clear(sidebar.new_chat_fn, [chat_session, store], [chat_session, chatbot, store, sidebar.list],
+                      queue=False)
+        load = demo.load(sidebar.restore, [store, width], [chat_session, chatbot, store, sidebar.list, *page.settings,
+                                                           sidebar.box, settings_box], js=PAGE_JS)
+        models = _load_models(service)
+        load.then(models, [model, system], [model, system, status, chatbot])
+        reload.click(models, [model, system], [model, system, status, chatbot])
         model.input(service.system_for, model, system)
+        for box in page.settings[2:]:
+            box.input(_check_settings, page.settings[2:], settings_error, queue=False)
     return demo
 
 
-def _chat_panel(service: ChatService, model: gr.Dropdown, settings: list, streaming: dict) -> None:
-    session = gr.State(Session())
-    chatbot = gr.Chatbot(show_label=False, height=460, elem_id="chat-chatbot", buttons=["copy"])
-    with gr.Row(equal_height=True):
-        text = gr.Textbox(show_label=False, placeholder="Message (Enter to send, Shift+Enter for a new line)",
-                          lines=1, max_lines=8, scale=6, elem_id="chat-input")
-        send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="chat-send")
-
-    async def on_send(request: gr.Request, text: str, session: Session, *values: Any):
-        async for out in _ask(service, CHAT, request, text, session, values):
-            yield out
-
-    inputs, outputs = [text, session, *settings], [text, session, chatbot]
-    events = [text.submit(on_send, inputs, outputs, **streaming), send.click(on_send, inputs, outputs, **streaming)]
-    _wire_panel(service, CHAT, session, chatbot, model, settings, events, [text])
+def _check_settings(temperature, top_p, max_new_tokens) -> str:
+    """An out-of-range value is shown next to the settings, and sending refuses it (never silently corrected)."""
+    try:
+        read_params(temperature, top_p, max_new_tokens)
+    except ValueError as e:
+        return error_note(str(e))
+    return ""
 
 
-async def _ask(service: ChatService, panel: str, request: gr.Request, text: str, session: Session,
-               values: tuple) -> AsyncIterator[tuple[Any, Session, list[dict]]]:
-    """A new user message in a panel: yields (input box, session, chat) as the answer streams."""
-    if not (text or "").strip() or not await service.take_turn(panel, request):
-        yield gr.skip(), session, render_chat(session)
-        return
-    session.notice = ""
-    session.messages.append({"role": "user", "content": text.strip()})
-    first = True
-    async for s, shown in service.run(panel, session, request, *values):
-        yield ("" if first else gr.skip()), s, shown  # empty the box once; later yields leave new typing alone
-        first = False
+def _load_models(service: ChatService):
+    async def load(current: Optional[str], system: Optional[str]):
+        """(model picker, system prompt, status, welcome): an edited system prompt is kept."""
+        try:
+            models = await service.models()
+        except ServeError as e:
+            return gr.Dropdown(choices=[], value=None), gr.skip(), error_note(str(e)), gr.skip()
+        if not models:
+            return (gr.Dropdown(choices=[], value=None), gr.skip(), error_note(no_worker_message(service.controller.url)),
+                    gr.Chatbot(placeholder=_welcome(None)))
+        model = current if current in models else models[0]
+        keep = model == current and (system or "").strip()
+        return (gr.Dropdown(choices=models, value=model), gr.skip() if keep else await service.system_for(model), "",
+                gr.Chatbot(placeholder=_welcome(model)))
+    return load
 
 
-def _translate_panel(service: ChatService, model: gr.Dropdown, settings: list, streaming: dict) -> None:
-    session = gr.State(Session())
+def _sync_models(service: ChatService):
+    async def sync(session: Session, model: Optional[str]) -> Any:
+        """After a worker vanished or came back: refresh the model picker; otherwise leave it alone."""
+        if not session.workers_changed:
+            return gr.skip()
+        session.workers_changed = False
+        try:
+            models = await service.controller.list_models(refresh=False)
+        except ServeError:
+            return gr.skip()
+        chosen = model if model in models else (session.model if session.model in models else
+                                                 (models[0] if models else None))
+        return gr.Dropdown(choices=models, value=chosen)
+    return sync
+
+
+def _translate_layout() -> dict:
     with gr.Row(equal_height=True):
         source_lang = gr.Dropdown(list(LANGUAGES), value="Chinese", label="From", elem_id="source-lang")
-        swap = gr.Button("⇄", scale=0, min_width=44, elem_id="swap-langs")
+        swap = gr.Button("Swap", scale=0, min_width=64, size="sm", elem_id="swap-langs")
         target_lang = gr.Dropdown(list(LANGUAGES), value="English", label="To", elem_id="target-lang")
-    source = gr.Textbox(label="Text to translate", lines=3, max_lines=12, elem_id="translate-source")
-    translate = gr.Button("Translate", variant="primary", elem_id="translate-run")
-    chatbot = gr.Chatbot(show_label=False, height=340, elem_id="translate-chatbot", buttons=["copy"])
     with gr.Row(equal_height=True):
-        refine = gr.Textbox(show_label=False, placeholder="Refine it: e.g. \"Make it more formal.\"",
-                            lines=1, max_lines=6, scale=6, elem_id="translate-refine")
-        refine_send = gr.Button("Refine", scale=1, min_width=80, elem_id="translate-refine-send")
-    gr.Examples([[e] for e in REFINE_EXAMPLES], inputs=refine, label="Follow-up instructions")
+        source = gr.Textbox(label="Text to translate", lines=2, max_lines=10, scale=6, elem_id="translate-source")
+        translate = gr.Button("Translate", variant="primary", scale=1, min_width=90, elem_id="translate-run")
+    chatbot = gr.Chatbot(show_label=False, height=300, elem_id="translate-chatbot", buttons=["copy"],
+                         feedback_options=("Like", "Dislike", "Flag"))
+    refine, send, stop = _input_row(TRANSLATE, "Refine it: e.g. \"Make it more formal.\"", "Refine")
+    with gr.Row(elem_classes="answer-actions"):
+        cont = gr.Button("Continue", size="sm", visible=False, elem_id="translate-continue")
+        comment = gr.Textbox(show_label=False, placeholder="Comment for your next vote (optional)", lines=1,
+                             scale=4, elem_id="translate-comment")
+    examples = gr.Examples([[e] for e in REFINE_EXAMPLES], inputs=refine, label="Follow-up instructions")
+    status = gr.Markdown(elem_classes="vote-status", elem_id="translate-status")
+    return dict(source_lang=source_lang, swap=swap, target_lang=target_lang, source=source, translate=translate,
+                chatbot=chatbot, refine=refine, send=send, stop=stop, comment=comment, status=status,
+                examples=examples, **{"continue": cont})
+
+
+def _wire_translate(page: Page, tr: dict, session) -> None:
+    service = page.service
+    _wire(page, TRANSLATE, session, tr["chatbot"], tr["refine"], tr["send"], tr["stop"], tr["status"], tr["comment"])
+    outs = [session, tr["chatbot"], tr["send"], tr["stop"], page.continue_buttons[TRANSLATE]]
 
     async def on_translate(request: gr.Request, text: str, source_lang: str, target_lang: str,
                            session: Session, *values: Any):
-        if not await service.take_turn(TRANSLATE, request):
-            yield gr.skip(), gr.skip()
+        if service.busy(key_of(request, TRANSLATE)):
+            yield (gr.skip(),) * 5 + (BUSY_NOTE,)
+            return
+        if source_lang == target_lang:
+            yield (gr.skip(),) * 5 + (f"Both languages are {source_lang}: pick another target language.",)
             return
         session = Session()  # a new text starts a new conversation
         if not (text or "").strip():
             session.notice = "Type the text to translate first."
-            yield session, render_chat(session)
+            yield session, render_chat(session), *_buttons(False, session), ""
             return
-        session.messages.append({"role": "user",
-                                 "content": translation_instruction(text, source_lang, target_lang)})
-        async for out in service.run(TRANSLATE, session, request, *values):
-            yield out
+        session.messages.append({"role": "user", "content": translation_instruction(text, source_lang, target_lang),
+                                 "shown": text.strip()})  # the bubble shows the visitor's text
+        async for out in page.run(TRANSLATE, request, session, *values):
+            yield *out, ""
 
-    async def on_refine(request: gr.Request, text: str, session: Session, *values: Any):
-        if (text or "").strip() and not any(m["role"] == "assistant" for m in session.messages):
-            session.notice = "Translate something first, then refine the translation here."
-            yield gr.skip(), session, render_chat(session)
-            return
-        async for out in _ask(service, TRANSLATE, request, text, session, values):
-            yield out
+    def on_swap(a: str, b: str, text: str, session: Session):
+        """Swap the languages, and the texts: the last translation becomes the text to translate."""
+        answers = [m["content"] for m in session.messages if m["role"] == "assistant"]
+        return b, a, (answers[-1] if answers else text)
 
-    swap.click(lambda a, b: (b, a), [source_lang, target_lang], [source_lang, target_lang], queue=False)
-    translate_inputs = [source, source_lang, target_lang, session, *settings]
-    refine_inputs, refine_outputs = [refine, session, *settings], [refine, session, chatbot]
-    events = [translate.click(on_translate, translate_inputs, [session, chatbot], **streaming),
-              source.submit(on_translate, translate_inputs, [session, chatbot], **streaming),
-              refine.submit(on_refine, refine_inputs, refine_outputs, **streaming),
-              refine_send.click(on_refine, refine_inputs, refine_outputs, **streaming)]
-    _wire_panel(service, TRANSLATE, session, chatbot, model, settings, events, [refine])
+    def reset(request: gr.Request, session: Session):
+        return _buttons(service.busy(key_of(request, TRANSLATE)), session)
+
+    inputs = [tr["source"], tr["source_lang"], tr["target_lang"], session, *page.settings]
+    for trigger in (tr["translate"].click, tr["source"].submit):
+        event = trigger(on_translate, inputs, [*outs, tr["status"]], **page.streaming)
+        event.then(reset, session, outs[2:], queue=False)
+        event.then(page.sync_models, [session, page.model], page.model)
+    tr["swap"].click(on_swap, [tr["source_lang"], tr["target_lang"], tr["source"], session],
+                     [tr["source_lang"], tr["target_lang"], tr["source"]], queue=False)
 
 
 def parse_auth(text: Optional[str]) -> Optional[tuple[str, str]]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import html
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -16,17 +18,27 @@ from typing import Optional
 from ..params import GenerationParams
 from ..translation import LANGUAGES, translation_instruction  # noqa: F401 (the page's names for them)
 from .web_client import DEFAULT_READ_TIMEOUT_S
+from .web_store import new_id, title_from
 
 CHAT, TRANSLATE = "chat", "translate"
 VOTES = ("upvote", "downvote", "flag")
-STOPPED_NOTE = "*(stopped)*"
 EMPTY_NOTE = "*(the model ended its answer without any text; try Regenerate)*"
 REFINE_EXAMPLES = ["Make it more formal.", "Make it shorter.", "Use simpler words.", "换一种更口语化的说法。"]
 # No web fonts: the page must look right on machines without internet access.
 THEME_FONT = ["system-ui", "-apple-system", "Segoe UI", "Noto Sans", "PingFang SC", "sans-serif"]
 CSS = """
-#bayling-title h1 { margin-bottom: 0; }
-.vote-status { min-height: 1.5em; font-size: 0.9em; opacity: 0.8; }
+#bayling-title h2 { margin: 0; }
+.vote-status { min-height: 1.2em; font-size: 0.9em; opacity: 0.85; }
+.answer-stats { font-size: 0.8em; opacity: 0.7; }
+.answer-stats.finish-length, .answer-stats.finish-stopped, .answer-stats.finish-error { opacity: 1; font-weight: 600; }
+.bayling-pending i { display: inline-block; width: 0.5em; height: 0.5em; margin: 0 0.15em; border-radius: 50%;
+  background: currentColor; animation: bayling-blink 1.2s infinite ease-in-out both; }
+.bayling-pending i:nth-child(2) { animation-delay: 0.2s; } .bayling-pending i:nth-child(3) { animation-delay: 0.4s; }
+@keyframes bayling-blink { 0%, 80%, 100% { opacity: 0.2; } 40% { opacity: 1; } }
+@media (max-width: 768px) {
+  #chat-chatbot { height: 52vh !important; }
+  .answer-actions button, .input-row button { padding: 4px 8px; }
+}
 """
 
 
@@ -43,15 +55,38 @@ class WebConfig:
 
 @dataclass
 class Session:
-    """One panel's conversation in one browser tab. `messages` is what the model sees; `notice` is shown only."""
+    """The conversation on screen in one panel of one browser tab (see web_store.py for the message shape).
+
+    `messages` is what the model sees (failed user messages excepted); `notice` and `pending` are shown only."""
 
     messages: list[dict] = field(default_factory=list)
-    notice: str = ""  # an error or "(stopped)"
+    notice: str = ""  # an error or a note for the visitor
     context_note: str = ""  # the worker left old messages out to fit the context window
     model: str = ""
     system: Optional[str] = None
     params: dict = field(default_factory=dict)
     workers_changed: bool = False  # a worker vanished: the model list needs a refresh
+    pending: bool = False  # asked, no words yet: the chat shows a pending bubble
+    id: str = field(default_factory=new_id)
+    title: str = ""
+    renamed: bool = False
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+
+    def to_stored(self) -> dict:
+        """The JSON-able conversation that gr.BrowserState keeps."""
+        first = next((m.get("shown", m["content"]) for m in self.messages if m["role"] == "user"), "")
+        title = self.title if self.renamed and self.title else title_from(first)
+        return {"id": self.id, "title": title, "renamed": self.renamed, "messages": [dict(m) for m in self.messages],
+                "model": self.model, "system": self.system, "params": dict(self.params),
+                "created": self.created, "updated": self.updated}
+
+    @classmethod
+    def from_stored(cls, conv: dict) -> "Session":
+        return cls(messages=[dict(m) for m in conv["messages"]], model=conv.get("model", ""),
+                   system=conv.get("system"), params=dict(conv.get("params") or {}), id=conv["id"],
+                   title=conv.get("title", ""), renamed=bool(conv.get("renamed")),
+                   created=conv.get("created", time.time()), updated=conv.get("updated", time.time()))
 
 
 # ---- pure helpers -------------------------------------------------------------------------------------------
@@ -65,7 +100,7 @@ def build_payload(model: str, messages: list[dict], system: Optional[str], param
     """The worker_generate_stream request: the worker renders `messages` with the model's own template."""
     return {
         "model": model,
-        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        "messages": [{"role": m["role"], "content": m["content"]} for m in messages if not m.get("failed")],
         "system": system if system and system.strip() else None,  # None = the template's default
         "temperature": params.temperature,
         "top_p": params.top_p,
@@ -83,13 +118,63 @@ def error_note(message: str) -> str:
     return f"⚠️ **Error:** {message}"
 
 
+PENDING_HTML = ('<span class="bayling-pending" role="status" aria-label="Waiting for the answer">'
+                '<i></i><i></i><i></i></span>')
+FINISH_LABELS = {"stop": "finished", "length": "length limit reached", "stopped": "stopped", "error": "failed"}
+
+
+def stats_line(stats: dict, version: int = 0, versions: int = 1) -> str:
+    """'42 tokens · 8.1 tokens/s · first token 0.93 s · length limit reached' (HTML, drawn small)."""
+    parts = []
+    if stats.get("tokens") is not None:
+        parts.append(f"{stats['tokens']} tokens")
+    if stats.get("tokens_per_s"):
+        parts.append(f"{stats['tokens_per_s']:.1f} tokens/s")
+    if stats.get("ttft_s") is not None:
+        parts.append(f"first token {stats['ttft_s']:.2f} s")
+    finish = stats.get("finish")
+    if finish:
+        parts.append(FINISH_LABELS.get(finish, html.escape(str(finish))))
+    if versions > 1:
+        parts.append(f"version {version + 1} of {versions}")
+    return f'<span class="answer-stats finish-{html.escape(str(finish or ""))}">{" · ".join(parts)}</span>'
+
+
 def render_chat(session: Session) -> list[dict]:
-    """What the Chatbot shows: the conversation, then the notes (context window, error, stopped) if any."""
-    shown = [{"role": m["role"], "content": m["content"]} for m in session.messages]
+    """What the Chatbot shows: each message (the user's own text, not an instruction built from it), a stats
+    line under each answer, a failure note under a failed message, then the pending bubble and notes."""
+    shown = []
+    for i, m in enumerate(session.messages):
+        if m["role"] == "user":
+            shown.append({"role": "user", "content": m.get("shown", m["content"])})
+            if m.get("failed"):
+                shown.append({"role": "assistant", "content": error_note(f"not answered: {m['failed']} "
+                                                                         "(press ↻ Retry to send it again)")})
+            continue
+        shown.append({"role": "assistant", "content": m["content"]})
+        if m.get("stats"):
+            shown.append({"role": "assistant", "content": stats_line(m["stats"], m.get("current", 0),
+                                                                     len(m.get("versions") or [0]))})
+    if session.pending:
+        shown.append({"role": "assistant", "content": PENDING_HTML})
     for note in (session.context_note and f"*{session.context_note}*", session.notice):
         if note:
             shown.append({"role": "assistant", "content": note})
     return shown
+
+
+def message_at(session: Session, shown_index: int) -> Optional[int]:
+    """The index in session.messages of the message drawn at shown_index (a stats line maps to its answer)."""
+    k = -1
+    for i, m in enumerate(session.messages):
+        k += 1
+        if k == shown_index:
+            return i
+        if (m["role"] == "user" and m.get("failed")) or (m["role"] == "assistant" and m.get("stats")):
+            k += 1
+            if k == shown_index:
+                return i
+    return None
 
 
 def log_path(log_dir: str | Path, day: datetime) -> Path:
@@ -97,13 +182,22 @@ def log_path(log_dir: str | Path, day: datetime) -> Path:
     return Path(log_dir) / f"{day:%Y-%m-%d}-conv.json"
 
 
-def vote_record(kind: str, session: Session, ip: Optional[str], now: datetime) -> dict:
-    """One log line: what was voted on, with everything needed to replay it."""
+def vote_record(kind: str, session: Session, index: int, ip: Optional[str], now: datetime,
+                comment: str = "", replaces: Optional[str] = None) -> dict:
+    """One log line for a vote on the answer session.messages[index], with what is needed to replay it."""
     if kind not in VOTES:
         raise ValueError(f"vote must be one of {VOTES}, got {kind!r}")
+    answer = session.messages[index]
     record = {"tstamp": round(now.timestamp(), 3), "type": kind, "model": session.model,
-              "state": {"system": session.system, "messages": [dict(m) for m in session.messages],
-                        "params": dict(session.params)}}
+              "conversation": session.id, "answer": index, "version": answer.get("current", 0),
+              "state": {"system": session.system,
+                        "messages": [{"role": m["role"], "content": m["content"]}
+                                     for m in session.messages[:index + 1] if not m.get("failed")],
+                        "params": dict(session.params), "stats": dict(answer.get("stats") or {})}}
+    if comment.strip():
+        record["comment"] = comment.strip()
+    if replaces:
+        record["replaces"] = replaces
     if ip:
         record["ip"] = ip
     return record
@@ -119,13 +213,6 @@ def append_log(log_dir: str | Path, record: dict, now: datetime) -> Path:
     with _LOG_LOCK, open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
-
-
-def drop_empty_reply(session: Session) -> bool:
-    """Remove a trailing answer with no text; True if the conversation now ends with a real answer."""
-    if session.messages and session.messages[-1]["role"] == "assistant" and not session.messages[-1]["content"].strip():
-        session.messages.pop()
-    return bool(session.messages) and session.messages[-1]["role"] == "assistant"
 
 
 # ---- streaming ----------------------------------------------------------------------------------------------
