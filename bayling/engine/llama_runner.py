@@ -51,7 +51,7 @@ def _quiet_logs(verbose: bool) -> None:
     import llama_cpp
 
     def log(level: int, text: bytes, _user: Any) -> None:
-        if verbose or level >= LOG_LEVEL_ERROR:
+        if verbose or level == LOG_LEVEL_ERROR:  # CONT (5) would pass the loading progress dots
             os.write(2, text or b"")
 
     _log_callback = llama_cpp.llama_log_callback(log)
