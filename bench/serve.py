@@ -1,6 +1,8 @@
 """Serving throughput: FastChat's stock model_worker vs ours, both behind FastChat's controller; then a soak.
 
 Run: .venv/bin/python bench/serve.py      (about 10-15 minutes on 2 CPU cores; writes bench/results/serve.json)
+     .venv/bin/python bench/serve.py --soak   (the soak under faults alone, bench/serve_soak.py: about 5 minutes;
+                                              rewrites only the `soak` section of bench/results/serve.json)
 
 Both workers serve the same model (the demo model's plain HF folder) at the same time under different
 names, and each concurrency level runs stock then ours (alternating the order per level) so that the
@@ -16,6 +18,7 @@ replaces that helper with config.max_position_embeddings (see STOCK_SHIM).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 import tempfile
@@ -29,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import RESULTS, command_line, machine, write_result  # noqa: E402
 from bayling.serve.launch import HOST, ensure_started, free_port, start_process, stop_all  # noqa: E402
 
 TOPICS = ["the history of machine translation", "how bees make honey", "the French revolution",
@@ -198,7 +201,14 @@ def main() -> None:
     parser.add_argument("--soak-concurrency", type=int, default=16)
     parser.add_argument("--soak-tokens", type=int, default=32)
     parser.add_argument("--out", default="serve", help="result name under bench/results/")
+    parser.add_argument("--soak", action="store_true",
+                        help="run only the soak under faults (early disconnects, malformed requests, a worker "
+                             "SIGKILL and restart) through the launcher, and rewrite the `soak` section")
+    parser.add_argument("--soak-kill-at", type=int, default=120, help="SIGKILL the worker after this many answers")
+    parser.add_argument("--soak-timeout", type=float, default=120.0, help="per request: longer is a hang")
     args = parser.parse_args()
+    if args.soak:
+        return soak_under_faults(args)
 
     import os
 
@@ -284,10 +294,10 @@ def main() -> None:
     targets = {
         "ours_vs_stock_at_8_clients": {"target": ">= 4.0x", "measured": r8, "met": r8 is not None and r8 >= 4.0},
         "ours_vs_stock_at_1_client": {"target": ">= 0.95x", "measured": r1, "met": r1 is not None and r1 >= 0.95},
-        "soak_errors": {"target": 0, "measured": soak_result["errors"], "met": soak_result["errors"] == 0},
-        "soak_incomplete": {"target": 0, "measured": soak_result["incomplete_responses"],
+        "soak_plain_errors": {"target": 0, "measured": soak_result["errors"], "met": soak_result["errors"] == 0},
+        "soak_plain_incomplete": {"target": 0, "measured": soak_result["incomplete_responses"],
                             "met": soak_result["incomplete_responses"] == 0},
-        "soak_rss_growth": {"target": "< 10% from request 50 to the end", "measured": growth,
+        "soak_plain_rss_growth": {"target": "< 10% from request 50 to the end", "measured": growth,
                             "met": growth is not None and growth < 0.10},
     }
     path = write_result(args.out, {
@@ -308,13 +318,50 @@ def main() -> None:
                               "rope_parameters from config.json does not help: transformers refills rope_scaling)",
                      "token_count": "its usage.completion_tokens + 1 (FastChat reports the loop index)"},
         "results": levels,
-        "soak": {**soak_result, "through": "alternating FastChat's openai_api_server (non-streaming chat "
+        "soak": previous_section(args.out, "soak"),
+        "soak_plain": {**soak_result, "through": "alternating FastChat's openai_api_server (non-streaming chat "
                                            "completions) and bayling.serve.openai_api (streaming)"},
         "targets": targets,
         "gpu": "no GPU device was lent to this session: the 8-client figures on a randomly initialised "
                "7B-shaped model were not measured",
     })
     print(f"wrote {path}")
+
+
+def previous_section(name: str, key: str) -> object:
+    """A section of the result file as it stands (None when absent), to keep it across a partial run."""
+    try:
+        return json.loads((RESULTS / f"{name}.json").read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+
+
+def soak_under_faults(args: argparse.Namespace) -> None:
+    """`--soak`: the launcher's stack under faults; writes the `soak` section, keeping the rest of the file."""
+    import os
+
+    from bench.serve_soak import run
+
+    env = {"HF_HUB_OFFLINE": "1"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    load_before = os.getloadavg()
+    result = run(Path(tempfile.mkdtemp(prefix="bench-soak-")), args.soak_requests, args.soak_concurrency,
+                 args.soak_tokens, args.soak_kill_at, args.soak_timeout, env)
+    print(json.dumps(result, indent=1), flush=True)
+    path = RESULTS / f"{args.out}.json"
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc["soak"] = {"command": command_line(), "machine": machine(),
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "stack": "python -m bayling.serve --openai-api bayling --no-web --device cpu (demo model, "
+                            "FastChat's controller, our worker and OpenAI API; the launcher restarts the worker)",
+                   "omp_num_threads": args.threads or "torch default",
+                   "load_average_before": [round(x, 2) for x in load_before],
+                   "load_average_after": [round(x, 2) for x in os.getloadavg()], **result}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    print(f"wrote the soak section of {path}; all checks met: {result['all_met']}")
 
 
 if __name__ == "__main__":
