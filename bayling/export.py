@@ -178,12 +178,12 @@ def to_gguf_array(name: str, values, hyper: Hyper) -> np.ndarray:
     """One HF tensor as the GGUF's array: norms in float32, matrices in float16, q/k rows re-ordered."""
     import torch
 
-    values = values.to(torch.float32)
+    # One conversion at most (none for fp16 matrices), so memory stays near one tensor's size.
+    values = values.to(torch.float32 if values.dim() == 1 else torch.float16)
     if name.endswith(("attn_q.weight", "attn_k.weight")):
         heads = hyper.head_count if name.endswith("attn_q.weight") else hyper.head_count_kv
         values = permute_rotary(values, heads)
-    dtype = np.float32 if values.dim() == 1 else np.float16
-    return values.numpy().astype(dtype)
+    return values.contiguous().numpy()
 
 
 def permute_rotary(weight, heads: int):
