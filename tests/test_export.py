@@ -218,3 +218,22 @@ def test_apply_delta_to_gguf(tiny_llama_dir, tmp_path, bpe_tokenizer):
     assert delta_main(["--base-model-path", base, "--target-model-path", str(tmp_path / "m3"), "--delta-path",
                        delta, "--no-progress", "--to-gguf", "F16"]) == 2
     assert not (tmp_path / "m3").exists()  # refused before merging
+
+
+def test_demo_model_round_trip(tmp_path):
+    """A trained model with tied embeddings, grouped KV heads and a real chat template: the demo's
+    safetensors folder exported to F16 gives transformers' greedy tokens through llama.cpp."""
+    from transformers import AutoTokenizer
+
+    from bayling.demo import converted_gguf_folder, demo_gguf_path
+
+    folder = converted_gguf_folder(demo_gguf_path())
+    out = tmp_path / "demo.f16.gguf"
+    assert export(folder, out, "F16") == 0
+    tok = AutoTokenizer.from_pretrained(folder)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea. 12345"}],
+                                     tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt).input_ids
+    llm = llama(out)
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+    assert llama_greedy(llm, ids) == hf_greedy(folder, ids)
