@@ -13,7 +13,8 @@ def main() -> None:
     args = parser.parse_args()
     params = params_from(args)
 
-    from bayling.loading import load_model, model_args_from
+    from bayling.engine.driver import build_engine
+    from bayling.loading import engine_kwargs_from, load_model, model_args_from
     from bayling.oneshot import answer, read_message
     from bayling.templates import choose_template
 
@@ -21,7 +22,8 @@ def main() -> None:
     loaded = load_model(model_args_from(args))
     template = choose_template(loaded.name, args.conv_template)
     show = (lambda c: print(c.delta, end="", flush=True)) if args.stream and not args.json else None
-    last = answer(loaded, template, message, params, args.system, on_chunk=show)
+    engine = build_engine(loaded.model, loaded.tokenizer, context_len=loaded.context_len, **engine_kwargs_from(args))
+    last = answer(loaded, template, message, params, args.system, on_chunk=show, engine=engine)
     if args.json:
         print(json.dumps({"text": last.text, "usage": last.usage, "finish_reason": last.finish_reason},
                          ensure_ascii=False))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from .context import fit_conversation
 from .generation import generate_stream
@@ -13,7 +13,8 @@ from .templates import USER, Conversation, Template, params_for_template
 
 
 def answer(loaded: LoadedModel, template: Template, message: str, params: GenerationParams,
-           system: Optional[str] = None, on_chunk: Optional[Callable[[StreamChunk], None]] = None) -> StreamChunk:
+           system: Optional[str] = None, on_chunk: Optional[Callable[[StreamChunk], None]] = None,
+           engine: Any = None) -> StreamChunk:
     """Answer one user message; on_chunk sees every streamed chunk. Returns the last chunk."""
     conv = Conversation(template, system)
     conv.add(USER, message)
@@ -21,7 +22,7 @@ def answer(loaded: LoadedModel, template: Template, message: str, params: Genera
     params = params_for_template(params, template, loaded.tokenizer)
     last = None
     for last in generate_stream(loaded.model, loaded.tokenizer, fitted.input_ids, params,
-                                context_len=loaded.context_len):
+                                context_len=loaded.context_len, engine=engine):
         if on_chunk is not None:
             on_chunk(last)
     assert last is not None

@@ -53,7 +53,7 @@ def main(max_new_tokens: int, repeats: int, threads: int) -> None:
 
     from bench.common import peak_rss_mib, write_result
     from bayling.eval.answer import answer_rows
-    from bayling.eval.engine import Engine
+    from bayling.eval.engine import EvalModel
     from bayling.generation import generate
     from bayling.tokens import encode_prompt
     from bayling.loading import ModelArgs, load_model
@@ -62,7 +62,7 @@ def main(max_new_tokens: int, repeats: int, threads: int) -> None:
     loaded = load_model(ModelArgs(device="cpu"))
     params = GenerationParams(temperature=0, max_new_tokens=max_new_tokens)
     rows = [{"question_id": i + 1, "text": q, "category": "bench"} for i, q in enumerate(PROMPTS)]
-    engines = {b: Engine.from_loaded(loaded, params, batch_size=b, show_progress=False) for b in BATCH_SIZES}
+    engines = {b: EvalModel.from_loaded(loaded, params, batch_size=b, show_progress=False) for b in BATCH_SIZES}
     base_engine = engines[BATCH_SIZES[0]]
     prompts = [base_engine.conversation([r["text"]]).prompt_for_reply(loaded.tokenizer) for r in rows]
 

@@ -11,7 +11,8 @@ def main() -> None:
     args = parser.parse_args()
     params = params_from(args)  # validated before the model loads: a bad flag fails at once
 
-    from ..loading import load_model, model_args_from
+    from ..engine.driver import build_engine
+    from ..loading import engine_kwargs_from, load_model, model_args_from
     from ..templates import Conversation, choose_template
     from . import ChatSession, chat_loop, make_chatio
     from .loop import HELP
@@ -20,7 +21,8 @@ def main() -> None:
     loaded = load_model(model_args_from(args))
     template = choose_template(loaded.name, args.conv_template)
     chatio.info(f"model: {loaded.name} on {loaded.device} (template {template.name}); {HELP}")
-    chat_loop(ChatSession(loaded, Conversation(template, args.system), params, args.debug), chatio)
+    engine = build_engine(loaded.model, loaded.tokenizer, context_len=loaded.context_len, **engine_kwargs_from(args))
+    chat_loop(ChatSession(loaded, Conversation(template, args.system), params, args.debug, engine=engine), chatio)
 
 
 def run() -> None:

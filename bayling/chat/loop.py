@@ -5,7 +5,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..context import fit_conversation
 from ..generation import generate_stream
@@ -29,6 +29,7 @@ class ChatSession:
     params: GenerationParams
     debug: bool = False
     last_stats: dict = field(default_factory=dict)
+    engine: Any = None  # built once from the engine flags; None = a default engine per answer
 
     def reply(self, chatio: ChatIO) -> Optional[StreamChunk]:
         """Stream an answer to the conversation so far and append it to the history."""
@@ -40,7 +41,7 @@ class ChatSession:
             chatio.info(f"[prompt]\n{fitted.prompt}")
         params = params_for_template(self.params, self.conv.template, tok)
         stream = generate_stream(self.loaded.model, tok, fitted.input_ids, params,
-                                 context_len=self.loaded.context_len)
+                                 context_len=self.loaded.context_len, engine=self.engine)
         last, interrupted = None, False
         start = time.perf_counter()
         first_at = None
