@@ -37,6 +37,7 @@ class DeltaJob:
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE
     revision: Optional[str] = None
     progress: bool = True
+    to_gguf: Optional[str] = None  # after a merge, export TARGET.gguf at this weight type (bayling.export)
 
 
 @dataclass(frozen=True)
