@@ -7,7 +7,8 @@ All three serve the same file (the demo model's Q4_1 GGUF; torch de-quantizes it
 threads, at the same time, each idle while another is measured. Our workers sit behind FastChat's
 controller and are driven as FastChat's clients do (controller /get_worker_address, then
 /worker_generate_stream); llama-server (`-np 16`, continuous batching) gets the same prompts on its
-native streaming /completion route. Every request is greedy with ignore_eos, so all generate exactly
+native streaming /completion route; a second llama-server runs with `-fa off` (flash attention
+off, as our worker and llama_cpp.Llama have it by default). Every request is greedy with ignore_eos, so all generate exactly
 `--new-tokens` tokens. Each level runs the servers in a rotating order per round. Aggregate tokens/s =
 all tokens generated at that level / wall time. Writes bench/results/llamacpp_serve.json.
 """
@@ -18,7 +19,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,35 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import machine, write_result  # noqa: E402
-from bench.serve import TOPICS, chat_prompt, percentile  # noqa: E402
+from bench.serve import TOPICS, chat_prompt, one_request, run_clients  # noqa: E402
 from bayling.demo import demo_gguf_path  # noqa: E402
 from bayling.serve.launch import HOST, Service, ensure_started, free_port, start_process, stop_all  # noqa: E402
 
 DEFAULT_SERVER = ROOT / ".llama-server" / "bin" / "llama-server"
 THREADS = 2
 SLOTS = 16
-
-
-def worker_request(controller: str, model: str, prompt: str, new_tokens: int) -> dict:
-    start = time.perf_counter()
-    address = requests.post(controller + "/get_worker_address", json={"model": model}, timeout=10).json()["address"]
-    payload = {"model": model, "prompt": prompt, "temperature": 0, "max_new_tokens": new_tokens,
-               "ignore_eos": True, "echo": False}
-    first, last, buffer = None, None, b""
-    with requests.post(address + "/worker_generate_stream", json=payload, stream=True, timeout=3600) as r:
-        for raw in r.iter_content(chunk_size=None):
-            buffer += raw
-            while b"\0" in buffer:
-                piece, buffer = buffer.split(b"\0", 1)
-                if piece:
-                    last = json.loads(piece)
-                    if first is None and last.get("text"):
-                        first = time.perf_counter()
-    end = time.perf_counter()
-    if last is None or last.get("error_code"):
-        raise RuntimeError(f"{model}: {last}")
-    return {"tokens": last["usage"]["completion_tokens"], "ttft_s": (first or end) - start,
-            "latency_s": end - start}
 
 
 def server_request(url: str, prompt: str, new_tokens: int) -> dict:
@@ -80,31 +58,7 @@ def server_request(url: str, prompt: str, new_tokens: int) -> dict:
     return {"tokens": tokens, "ttft_s": (first or end) - start, "latency_s": end - start}
 
 
-def run_level(send, clients: int) -> dict:
-    results, errors = [], []
-
-    def client(i: int) -> None:
-        try:
-            results.append(send(chat_prompt(TOPICS[i % len(TOPICS)])))
-        except Exception as e:  # counted, reported
-            errors.append(str(e)[:200])
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    tokens = sum(r["tokens"] for r in results)
-    ttft = [r["ttft_s"] for r in results]
-    return {"clients": clients, "requests": len(results), "errors": len(errors), "error_samples": errors[:3],
-            "generated_tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2),
-            "ttft_p50_s": round(percentile(ttft, 0.5), 3) if ttft else None,
-            "ttft_p95_s": round(percentile(ttft, 0.95), 3) if ttft else None}
-
-
-def start_all(server: Path, gguf: Path, work: Path) -> tuple[list[Service], dict]:
+def start_all(server: Path, gguf: Path, work: Path, worker_args: list[str]) -> tuple[list[Service], dict]:
     env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(THREADS)}
     services: list[Service] = []
     port = free_port()
@@ -112,7 +66,7 @@ def start_all(server: Path, gguf: Path, work: Path) -> tuple[list[Service], dict
                         work, f"http://{HOST}:{port}", env=env, stop_grace=1.0)
     services.append(ctl)
     ensure_started(ctl, "/test_connection", 60)
-    for backend, extra in (("llama.cpp", []), ("torch", ["--device", "cpu"])):
+    for backend, extra in (("llama.cpp", worker_args), ("torch", ["--device", "cpu"])):
         p = free_port()
         w = start_process(f"worker-{backend}", ["-m", "bayling.serve.worker", "--host", HOST, "--port", str(p),
                                                 "--controller-address", ctl.url, "--model-names", backend,
@@ -121,23 +75,27 @@ def start_all(server: Path, gguf: Path, work: Path) -> tuple[list[Service], dict
                           work, f"http://{HOST}:{p}", env=env)
         services.append(w)
         ensure_started(w, "/worker_get_status", 900, "POST")
-    p = free_port()
-    # llama-server is not Python: start it by hand, in its own session like the others.
-    log_path = work / "llama-server.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([str(server), "-m", str(gguf), "--host", HOST, "--port", str(p), "-np", str(SLOTS),
-                                 "-t", str(THREADS), "-tb", str(THREADS), "-c", "8192", "--no-webui"],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    srv = Service("llama-server", proc, f"http://{HOST}:{p}", log_path)
-    services.append(srv)
-    ensure_started(srv, "/health", 120)
+    servers = {}
+    for name, extra in (("llama-server", []), ("llama-server_fa_off", ["-fa", "off"])):
+        p = free_port()
+        # llama-server is not Python: start it by hand, in its own session like the others.
+        log_path = work / f"{name}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen([str(server), "-m", str(gguf), "--host", HOST, "--port", str(p),
+                                     "-np", str(SLOTS), "-t", str(THREADS), "-tb", str(THREADS), "-c", "8192",
+                                     "--no-webui", *extra],
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        srv = Service(name, proc, f"http://{HOST}:{p}", log_path)
+        services.append(srv)
+        ensure_started(srv, "/health", 120)
+        servers[name] = srv.url
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if {"llama.cpp", "torch"} <= set(requests.post(ctl.url + "/list_models", timeout=5).json()["models"]):
             break
         time.sleep(0.5)
-    return services, {"ctl": ctl.url, "server": srv.url}
+    return services, {"ctl": ctl.url, **servers}
 
 
 def main() -> int:
@@ -146,6 +104,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--worker-args", default="", help="extra flags for our llama.cpp worker")
     ap.add_argument("--torch-rounds", type=int, default=1, help="the torch worker is slow: fewer rounds")
     ns = ap.parse_args()
     if not ns.llama_server.exists():
@@ -153,24 +112,28 @@ def main() -> int:
         return 2
     gguf = demo_gguf_path()
     work = Path(tempfile.mkdtemp(prefix="bench-llamacpp-serve-"))
-    services, urls = start_all(ns.llama_server, gguf, work)
-    senders = {
-        "ours_llama.cpp": lambda prompt: worker_request(urls["ctl"], "llama.cpp", prompt, ns.new_tokens),
-        "ours_torch": lambda prompt: worker_request(urls["ctl"], "torch", prompt, ns.new_tokens),
-        "llama-server": lambda prompt: server_request(urls["server"], prompt, ns.new_tokens),
-    }
+    services, urls = start_all(ns.llama_server, gguf, work, ns.worker_args.split())
+
+    def ours(model: str):
+        return lambda i: one_request(urls["ctl"], model, chat_prompt(TOPICS[i % len(TOPICS)]), ns.new_tokens,
+                                     stock=False, ignore_eos=True)
+
+    senders = {"ours_llama.cpp": ours("llama.cpp"), "ours_torch": ours("torch"),
+               **{name: (lambda i, url=urls[name]: server_request(url, chat_prompt(TOPICS[i % len(TOPICS)]),
+                                                                  ns.new_tokens))
+                  for name in ("llama-server", "llama-server_fa_off")}}
     levels: dict = {name: {} for name in senders}
     try:
         for name, send in senders.items():  # warm-up
-            run_level(lambda p, s=send: s(p), 2)
+            run_clients(send, 2)
         for clients in ns.clients:
             for r in range(ns.rounds):
                 names = list(senders)
-                names = names[r % 3:] + names[:r % 3]
+                names = names[r % len(names):] + names[:r % len(names)]
                 for name in names:
                     if name == "ours_torch" and r >= ns.torch_rounds:
                         continue
-                    level = run_level(senders[name], clients)
+                    level = run_clients(senders[name], clients)
                     print(name, level, flush=True)
                     levels[name].setdefault(str(clients), []).append(level)
     finally:
@@ -180,7 +143,10 @@ def main() -> int:
         return max(x["tokens_per_s"] for x in levels[name][str(clients)])
 
     summary = {str(c): {"ours_llama.cpp_tok_s": best("ours_llama.cpp", c), "llama-server_tok_s": best("llama-server", c),
+                        "llama-server_fa_off_tok_s": best("llama-server_fa_off", c),
                         "ours_torch_tok_s": best("ours_torch", c),
+                        "ratio_ours_llama.cpp_over_llama-server_fa_off": round(best("ours_llama.cpp", c)
+                                                                               / best("llama-server_fa_off", c), 3),
                         "ratio_ours_llama.cpp_over_llama-server": round(best("ours_llama.cpp", c)
                                                                         / best("llama-server", c), 3),
                         "ratio_ours_llama.cpp_over_ours_torch": round(best("ours_llama.cpp", c)
@@ -192,8 +158,10 @@ def main() -> int:
         "target": "ours_llama.cpp >= 0.9x llama-server at every concurrency",
         "setup": {"model": str(gguf.name), "threads": THREADS, "new_tokens": ns.new_tokens, "rounds": ns.rounds,
                   "greedy": True, "ignore_eos": True, "figure": "best round per level",
-                  "llama_server": f"-np {SLOTS} -t {THREADS} -tb {THREADS} -c 8192; "
-                                  + (version.stdout + version.stderr).strip().splitlines()[0:1].__str__()}})
+                  "llama_server": f"-np {SLOTS} -t {THREADS} -tb {THREADS} -c 8192 (flash attention auto = on for "
+                                  f"this CPU; llama-server_fa_off adds -fa off); "
+                                  + " ".join((version.stdout + version.stderr).split())[:120],
+                  "worker_args": ns.worker_args}})
     print(json.dumps(summary, indent=1))
     return 0
 

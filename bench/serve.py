@@ -61,12 +61,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def one_request(controller: str, model: str, prompt: str, new_tokens: int, stock: bool) -> dict:
+def one_request(controller: str, model: str, prompt: str, new_tokens: int, stock: bool,
+                ignore_eos: bool = False) -> dict:
     """Ask the controller for a worker, stream one answer; return timings and token count."""
     start = time.perf_counter()
     address = requests.post(controller + "/get_worker_address", json={"model": model}, timeout=10).json()["address"]
     payload = {"model": model, "prompt": prompt, "temperature": 0, "max_new_tokens": new_tokens, "echo": False,
                "stop_token_ids": None, "stop": None}
+    if ignore_eos:
+        payload["ignore_eos"] = True
     first, last, buffer = None, None, b""
     with requests.post(address + "/worker_generate_stream", json=payload, stream=True, timeout=3600) as r:
         for raw in r.iter_content(chunk_size=None):
@@ -88,13 +91,18 @@ def one_request(controller: str, model: str, prompt: str, new_tokens: int, stock
 
 def run_level(controller: str, model: str, clients: int, new_tokens: int, rounds: int, stock: bool) -> dict:
     """`clients` threads, each sending `rounds` requests back to back."""
+    return run_clients(lambda i: one_request(controller, model, chat_prompt(TOPICS[i % len(TOPICS)]), new_tokens,
+                                             stock), clients, rounds)
+
+
+def run_clients(send, clients: int, rounds: int = 1) -> dict:
+    """`clients` threads, each calling send(i) `rounds` times back to back (i counts the client's requests)."""
     results, errors = [], []
 
     def client(i: int) -> None:
         for r in range(rounds):
             try:
-                results.append(one_request(controller, model, chat_prompt(TOPICS[(i + r) % len(TOPICS)]),
-                                           new_tokens, stock))
+                results.append(send(i + r))
             except Exception as e:  # counted, reported
                 errors.append(str(e)[:200])
 
