@@ -19,8 +19,9 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable, Optional
 
-from bayling.serve.launch import (HOST, ROOT, Service, ensure_started, free_port, start_process, stop_all,
-                                  wait_http)
+from bayling.serve.launch import HOST, Service, ensure_started, free_port, start_process, stop_all, wait_http
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: its top-level scripts (model_worker.py...)
 
 __all__ = ["HOST", "ROOT", "Service", "free_port", "wait_http", "http_json", "start_controller", "start_worker",
            "start_openai_server", "wait_registered", "stop_all"]
