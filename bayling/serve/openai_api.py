@@ -149,14 +149,23 @@ class Choice:
 async def _open(upstream: Upstream, req: OpenAIRequest, index: int) -> Choice:
     """Start choice `index` and read its first chunk; one retry on another worker if the first failed to
     connect or was draining. Raises RequestError for a protocol error reply, WorkerFailure otherwise."""
+    refused: Optional[Exception] = None  # why the first worker did not take it
     for attempt in (0, 1):
-        worker = await upstream.worker_for(req.model)
+        try:
+            worker = await upstream.worker_for(req.model)
+        except RequestError as e:
+            if refused is None or e.code != ErrorCode.INVALID_MODEL:
+                raise
+            # The model's last worker just failed or is shutting down: unavailable for now, not unknown (404).
+            raise RequestError(ErrorCode.ENGINE_OVERLOADED,
+                               f"no worker can take the request now: {_failure_text(refused)}") from None
         chunks = upstream.generate(worker, req.payload_for(index)).__aiter__()
         try:
             first = await chunks.__anext__()
         except WorkerFailure as e:
             await upstream.refresh()  # the next request goes to a live worker
             if attempt == 0 and e.before_any_byte:
+                refused = e
                 continue
             raise
         except StopAsyncIteration:
@@ -164,6 +173,7 @@ async def _open(upstream: Upstream, req: OpenAIRequest, index: int) -> Choice:
         code = first.get("error_code") or 0
         if code:
             if attempt == 0 and code in RETRY_CODES:
+                refused = RequestError(code, first.get("text") or "the worker is busy")
                 await upstream.refresh()
                 continue
             raise RequestError(code, first.get("text") or "the worker refused the request")
