@@ -17,7 +17,8 @@ import psutil
 import pytest
 import requests
 
-from stack import ROOT, free_port, http_json, start_controller, start_openai_server, start_worker, stop_all
+from stack import (ROOT, free_port, http_json, launched, running, start_controller, start_openai_server,
+                   start_worker, stop_all)
 
 MODEL = "SmolLM2-135M-Instruct"
 JSON = {"Content-Type": "application/json"}
@@ -30,19 +31,12 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Name a fruit."
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     logs = tmp_path_factory.mktemp("ops-logs")
-    started = []
-    try:
-        ctl = start_controller(logs)
-        started.append(ctl)
-        worker = start_worker(ctl.url, logs, args=["--stream-interval", "1"])
-        started.append(worker)
-        api = start_openai_server(ctl.url, logs, ours=True)
-        started.append(api)
-        cors = start_openai_server(ctl.url, logs, ours=True, args=["--allowed-origins", ORIGIN])
-        started.append(cors)
+    with running() as started:
+        ctl = started.add(start_controller(logs))
+        worker = started.add(start_worker(ctl.url, logs, args=["--stream-interval", "1"]))
+        api = started.add(start_openai_server(ctl.url, logs, ours=True))
+        cors = started.add(start_openai_server(ctl.url, logs, ours=True, args=["--allowed-origins", ORIGIN]))
         yield {"controller": ctl, "worker": worker, "api": api, "cors": cors}
-    finally:
-        stop_all(reversed(started))
 
 
 def chunks(response) -> list[dict]:
@@ -311,21 +305,11 @@ def test_the_launcher_drains_an_in_flight_answer_when_stopped(installed, tmp_pat
     run = tmp_path / "run"
     run.mkdir()
     ports = [free_port() for _ in range(4)]
-    cmd = [sys.executable, "-m", "bayling.serve", "--controller-port", str(ports[0]), "--worker-port", str(ports[1]),
-           "--web-port", str(ports[2]), "--openai-api", "bayling", "--openai-port", str(ports[3]),
-           "--log-dir", "logs", "--drain-timeout", "60", "--device", "cpu", "--stream-interval", "1"]
-    proc = subprocess.Popen(cmd, cwd=run, env=outside_env(installed), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    launcher = psutil.Process(proc.pid)
-    children, out = [], []
-    try:
-        for line in proc.stdout:
-            out.append(line)
-            if "Ctrl-C" in line or "error" in line:
-                break
-        assert "Ctrl-C" in out[-1], "".join(out)
-        children = launcher.children(recursive=True)
-        ours = [p for p in children if "bayling.serve." in " ".join(p.cmdline())]
+    args = ["--controller-port", str(ports[0]), "--worker-port", str(ports[1]), "--web-port", str(ports[2]),
+            "--openai-api", "bayling", "--openai-port", str(ports[3]), "--log-dir", "logs", "--drain-timeout", "60",
+            "--device", "cpu", "--stream-interval", "1"]
+    with launched(args, cwd=run, env=outside_env(installed)) as stack:
+        ours = [p for p in stack.children() if "bayling.serve." in " ".join(p.cmdline())]
         assert {next(a for a in p.cmdline() if a.startswith("bayling.")) for p in ours} == \
             {"bayling.serve.worker", "bayling.serve.openai_api", "bayling.serve.web"}
         for p in ours:  # run from the launcher's folder, importing the installed copy first
@@ -343,7 +327,7 @@ def test_the_launcher_drains_an_in_flight_answer_when_stopped(installed, tmp_pat
                 if line.startswith("data: ") and '"content": "' in line and '"content": ""' not in line:
                     events.append(json.loads(line[6:]))
                     break
-            proc.send_signal(signal.SIGINT)  # Ctrl-C
+            stack.proc.send_signal(signal.SIGINT)  # Ctrl-C
             deadline = time.monotonic() + 10
             while requests.get(worker + "/health", timeout=10).status_code == 200 and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -354,14 +338,7 @@ def test_the_launcher_drains_an_in_flight_answer_when_stopped(installed, tmp_pat
         assert not any("error" in e for e in events), events[-1]
         finish = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
         assert finish == ["length"] and events[-1]["usage"]["completion_tokens"] == tokens, events[-2:]
-        assert proc.wait(60) == 0
-        out += proc.stdout.readlines()
-        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert stack.proc.wait(60) == 0
+        gone, alive = psutil.wait_procs(list(stack.seen), timeout=10)
         assert not alive, [p.cmdline() for p in alive]
         assert "draining" in (run / "logs" / "model_worker.log").read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in children:
-            if p.is_running():
-                p.kill()
