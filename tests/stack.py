@@ -6,6 +6,12 @@
     ...
     stop_all([api, worker, ctl])                        # always, e.g. in a fixture's finally
 
+    with running() as started:                          # or: stopped, last first, when the block ends
+        ctl = started.add(start_controller(tmp_path))
+
+    with launched(["--no-web", ...], cwd=folder) as stack:   # `python -m bayling.serve`, up
+        stack.children()                                # its processes (all killed when the block ends)
+
 Every process runs in its own session (process group) and logs to log_dir/NAME.log; Service.stop()
 sends SIGINT, then SIGKILL to the group after a grace period, so nothing outlives a test. The process
 plumbing (Service, free_port, wait_http, start_process, stop_all) is bayling.serve.launch's, which
@@ -13,17 +19,24 @@ plumbing (Service, free_port, wait_http, start_process, stop_all) is bayling.ser
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
-from bayling.serve.launch import (HOST, ROOT, Service, ensure_started, free_port, start_process, stop_all,
-                                  wait_http)
+import psutil
+
+from bayling.serve.launch import HOST, Service, ensure_started, free_port, start_process, stop_all, wait_http
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: its top-level scripts (model_worker.py...)
 
 __all__ = ["HOST", "ROOT", "Service", "free_port", "wait_http", "http_json", "start_controller", "start_worker",
-           "start_openai_server", "wait_registered", "stop_all"]
+           "start_openai_server", "wait_registered", "stop_all", "running", "launched"]
 
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
 # One torch thread per model process: on a shared 2-core machine, two OpenMP threads per process are
@@ -112,3 +125,74 @@ def start_openai_server(controller_url: str, log_dir: Path, port: Optional[int] 
                          *args],
                         log_dir, f"http://{HOST}:{port}", env=OFFLINE)
     return ensure_started(svc, "/metrics" if ours else "/v1/models", timeout)
+
+
+class Started(list):
+    """Services started so far, stopped last first by `running`."""
+
+    def add(self, service: Service) -> Service:
+        self.append(service)
+        return service
+
+
+@contextlib.contextmanager
+def running() -> Iterator[Started]:
+    """A list to add started services to; every one is stopped, last first, when the block ends."""
+    started = Started()
+    try:
+        yield started
+    finally:
+        stop_all(reversed(started))
+
+
+class Launch:
+    """A running `python -m bayling.serve`: its process, what it printed, and every child seen."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.lines, self.seen = proc, [], set()
+        self.process = psutil.Process(proc.pid)
+
+    def read_until(self, text: str) -> str:
+        """Its output up to the first line that holds `text` (AssertionError with the output if it ends first)."""
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"the launcher never printed {text!r}:\n{''.join(self.lines)}")
+
+    def children(self) -> list[psutil.Process]:
+        """Its processes now (remembered, so that the block's end kills them even when it is gone)."""
+        found = self.process.children(recursive=True)
+        self.seen.update(found)
+        return found
+
+    def child(self, module: str) -> psutil.Process:
+        """The child that runs `module`."""
+        for p in self.children():
+            if module in p.cmdline():
+                return p
+        raise AssertionError(f"no child runs {module}")
+
+
+@contextlib.contextmanager
+def launched(args: Sequence[str], cwd: Path = ROOT, env: Optional[dict] = None) -> Iterator[Launch]:
+    """`python -m bayling.serve ARGS` (in cwd), once it says it is up; when the block ends it and every
+    process it started are killed. env: the whole environment (default: this one, the checkout importable,
+    offline, one torch thread a process)."""
+    if env is None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **OFFLINE, "OMP_NUM_THREADS": str(WORKER_THREADS)}
+    proc = subprocess.Popen([sys.executable, "-m", "bayling.serve", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    launch = Launch(proc)
+    try:
+        launch.read_until("Ctrl-C")
+        launch.children()
+        yield launch
+    finally:
+        if proc.poll() is None:
+            launch.children()
+            proc.kill()
+        proc.wait()
+        for p in launch.seen:
+            with contextlib.suppress(psutil.Error):
+                p.kill()

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from stack import free_port, http_json, start_controller, start_openai_server, start_worker, stop_all
+from stack import free_port, http_json, running, start_controller, start_openai_server, start_worker
 
 MODEL = "SmolLM2-135M-Instruct"
 JSON = {"Content-Type": "application/json"}
@@ -22,20 +22,13 @@ KEY = "sk-test-key"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     logs = tmp_path_factory.mktemp("abuse-logs")
-    started = []
-    try:
-        ctl = start_controller(logs, heart_beat_expiration=4)
-        started.append(ctl)
-        worker = start_worker(ctl.url, logs, heart_beat_interval=1,
-                              args=["--limit-worker-concurrency", "4", "--stream-interval", "1"])
-        started.append(worker)
-        api = start_openai_server(ctl.url, logs, ours=True)
-        started.append(api)
-        locked = start_openai_server(ctl.url, logs, ours=True, args=["--api-key", KEY])
-        started.append(locked)
+    with running() as started:
+        ctl = started.add(start_controller(logs, heart_beat_expiration=4))
+        worker = started.add(start_worker(ctl.url, logs, heart_beat_interval=1,
+                                          args=["--limit-worker-concurrency", "4", "--stream-interval", "1"]))
+        api = started.add(start_openai_server(ctl.url, logs, ours=True))
+        locked = started.add(start_openai_server(ctl.url, logs, ours=True, args=["--api-key", KEY]))
         yield {"controller": ctl, "worker": worker, "api": api, "locked": locked}
-    finally:
-        stop_all(reversed(started))
 
 
 def batching(stack):

@@ -1,9 +1,14 @@
 """Starting, health-checking and stopping the serving processes (used by `python -m bayling.serve` and tests).
 
 Each child runs in its own session (process group), so a Ctrl-C in the terminal reaches only the
-launcher, which then stops the children in reverse start order: SIGINT, then SIGKILL to the whole
-group after a grace period (FastChat's controller never exits on its own: its heart-beat thread is
-not a daemon).
+launcher, which then stops the children: the model worker first, with SIGTERM, so that it drains
+(in-flight answers finish, for up to its --drain-timeout, while the API and the page still relay them),
+then the others in reverse start order with SIGINT. Whatever is left after its grace period gets
+SIGKILL to the whole group (FastChat's controller never exits on its own: its heart-beat thread is not
+a daemon).
+
+Nothing here reaches back into a checkout: children run `python -m bayling...` from the launcher's
+own working directory, with the folder that holds this `bayling` package first on PYTHONPATH.
 """
 from __future__ import annotations
 
@@ -19,11 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from .supervise import RestartBudget, child_preexec
+import bayling
 
-ROOT = Path(__file__).resolve().parents[2]
+from .supervise import DEFAULT_DRAIN_S, PARENT_ENV, RestartBudget, child_preexec
+
+# The folder that holds the `bayling` package: a checkout's root or site-packages alike.
+PACKAGE_PARENT = Path(bayling.__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 STOP_GRACE_S = 5.0
+# A draining worker, after its drain period, flushes its error chunks and gives uvicorn a few seconds
+# to close connections (bayling.serve.worker_app: FLUSH_S, SHUTDOWN_GRACE_S): SIGKILL only after that.
+DRAIN_MARGIN_S = 10.0
 POLL_S = 0.2
 
 
@@ -80,6 +91,7 @@ class Service:
     url: str
     log_path: Path
     stop_grace: float = STOP_GRACE_S
+    stop_signal: int = signal.SIGINT  # SIGTERM for the worker: it drains
 
     @property
     def alive(self) -> bool:
@@ -92,10 +104,10 @@ class Service:
             return ""
 
     def stop(self, grace: Optional[float] = None) -> None:
-        """SIGINT the process group, then SIGKILL whatever is left after `grace` seconds."""
+        """Send stop_signal to the process group, then SIGKILL whatever is left after `grace` seconds."""
         grace = self.stop_grace if grace is None else grace
         if self.proc.poll() is None:
-            _killpg(self.proc.pid, signal.SIGINT)
+            _killpg(self.proc.pid, self.stop_signal)
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
@@ -117,30 +129,30 @@ def _killpg(pid: int, sig: int) -> None:
 
 
 def child_env(log_dir: Path, extra: Optional[dict] = None) -> dict:
-    """A child's environment: FastChat's log files in log_dir, this checkout importable, unbuffered output,
-    and the launcher's pid (our children exit when it is gone: bayling.serve.supervise.watch_parent)."""
-    from .supervise import PARENT_ENV
-
+    """A child's environment: FastChat's log files in log_dir, this `bayling` package importable first,
+    unbuffered output, and the launcher's pid (our children exit when it is gone:
+    bayling.serve.supervise.watch_parent)."""
     env = dict(os.environ)
     env.update({"LOGDIR": str(log_dir), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
                 PARENT_ENV: str(os.getpid())})
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in paths if p != str(ROOT)])
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT)] + [p for p in paths if p != str(PACKAGE_PARENT)])
     env.update({k: str(v) for k, v in (extra or {}).items()})
     return env
 
 
 def start_process(name: str, args: Sequence[str], log_dir: Path, url: str, *, env: Optional[dict] = None,
-                  cwd: Optional[Path] = None, stop_grace: float = STOP_GRACE_S) -> Service:
-    """Start `python args...` in its own session, stdout and stderr to log_dir/NAME.log."""
+                  cwd: Optional[Path] = None, stop_grace: float = STOP_GRACE_S,
+                  stop_signal: int = signal.SIGINT) -> Service:
+    """Start `python args...` in its own session (in cwd, default the launcher's), output to log_dir/NAME.log."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=str(cwd or ROOT), env=child_env(log_dir, env),
+                                stdin=subprocess.DEVNULL, cwd=cwd, env=child_env(log_dir, env),
                                 start_new_session=True, preexec_fn=child_preexec(os.getpid()))
-    return Service(name, proc, url, log_path, stop_grace)
+    return Service(name, proc, url, log_path, stop_grace, stop_signal)
 
 
 def ensure_started(service: Service, path: str, timeout: float, method: str = "GET") -> Service:
@@ -152,6 +164,13 @@ def ensure_started(service: Service, path: str, timeout: float, method: str = "G
         tail = service.log()[-3000:]
         raise RuntimeError(f"{service.name} did not start: {e}\n--- end of {service.log_path} ---\n{tail}") from None
     return service
+
+
+def stop_stack(services: Sequence[Service]) -> None:
+    """Stop a started stack: whatever drains on SIGTERM (the worker) first, while the API and the page
+    still relay its last answers, then the rest in reverse start order."""
+    draining = [s for s in services if s.stop_signal == signal.SIGTERM]
+    stop_all([*draining, *reversed([s for s in services if s not in draining])])
 
 
 def stop_all(services: Iterable[Optional[Service]]) -> None:
@@ -188,6 +207,7 @@ class StackPlan:
     allowed_origins: Optional[str] = None  # for the OpenAI API (CORS)
     auth: Optional[str] = None  # USER:PASS for the web page
     restarts_per_minute: int = 5  # of a dead worker
+    drain_s: float = DEFAULT_DRAIN_S  # the worker's --drain-timeout: how long stopping may wait on answers
 
 
 # Each starter appends its service to `started` before waiting on it, so a Ctrl-C during a long
@@ -204,7 +224,8 @@ def _worker(plan: StackPlan, controller: str, started: list[Service]) -> Service
     url = f"http://{plan.host}:{plan.worker_port}"
     svc = start_process("model_worker", ["-m", "bayling.serve.worker", "--host", plan.host,
                                          "--port", str(plan.worker_port), "--controller-address", controller,
-                                         *plan.worker_args], plan.log_dir, url)
+                                         "--drain-timeout", str(plan.drain_s), *plan.worker_args],
+                        plan.log_dir, url, stop_grace=plan.drain_s + DRAIN_MARGIN_S, stop_signal=signal.SIGTERM)
     started.append(svc)
     ensure_started(svc, "/worker_get_status", plan.worker_timeout, "POST")
     _wait_listed(controller, svc)
@@ -224,14 +245,10 @@ def _wait_listed(controller: str, worker: Service, timeout: float = 30.0) -> Non
     raise RuntimeError(f"the worker did not register with the controller at {controller}; see {worker.log_path}")
 
 
-def _web(plan: StackPlan, controller: str, started: list[Service]) -> Optional[Service]:
-    script = ROOT / "web_server.py"
-    if not script.exists():
-        print(f"(no {script.name} in {ROOT}: starting without the web page)", file=sys.stderr)
-        return None
+def _web(plan: StackPlan, controller: str, started: list[Service]) -> Service:
     url = f"http://{plan.host}:{plan.web_port}"
-    args = [str(script), "--host", plan.host, "--port", str(plan.web_port), "--controller-url", controller,
-            "--log-dir", str(plan.log_dir)]
+    args = ["-m", "bayling.serve.web", "--host", plan.host, "--port", str(plan.web_port),
+            "--controller-url", controller, "--log-dir", str(plan.log_dir)]
     args += ["--auth", plan.auth] if plan.auth else []
     svc = start_process("web_server", args, plan.log_dir, url)
     started.append(svc)
@@ -316,4 +333,4 @@ def run_stack(plan: StackPlan) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-        stop_all(reversed(services))
+        stop_stack(services)

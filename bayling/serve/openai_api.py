@@ -22,7 +22,7 @@ import os
 import secrets
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
 
 import httpx
 from fastapi import FastAPI, Request
@@ -39,6 +39,7 @@ CONTROLLER_TIMEOUT_S = 10.0
 DISCONNECT_POLL_S = 0.2
 API_KEY_ENV = "BAYLING_API_KEY"
 RETRY_CODES = (ErrorCode.ENGINE_OVERLOADED,)  # a draining worker: another may take the request
+T = TypeVar("T")
 
 
 class WorkerFailure(Exception):
@@ -148,14 +149,23 @@ class Choice:
 async def _open(upstream: Upstream, req: OpenAIRequest, index: int) -> Choice:
     """Start choice `index` and read its first chunk; one retry on another worker if the first failed to
     connect or was draining. Raises RequestError for a protocol error reply, WorkerFailure otherwise."""
+    refused: Optional[Exception] = None  # why the first worker did not take it
     for attempt in (0, 1):
-        worker = await upstream.worker_for(req.model)
+        try:
+            worker = await upstream.worker_for(req.model)
+        except RequestError as e:
+            if refused is None or e.code != ErrorCode.INVALID_MODEL:
+                raise
+            # The model's last worker just failed or is shutting down: unavailable for now, not unknown (404).
+            raise RequestError(ErrorCode.ENGINE_OVERLOADED,
+                               f"no worker can take the request now: {_failure_text(refused)}") from None
         chunks = upstream.generate(worker, req.payload_for(index)).__aiter__()
         try:
             first = await chunks.__anext__()
         except WorkerFailure as e:
             await upstream.refresh()  # the next request goes to a live worker
             if attempt == 0 and e.before_any_byte:
+                refused = e
                 continue
             raise
         except StopAsyncIteration:
@@ -163,6 +173,7 @@ async def _open(upstream: Upstream, req: OpenAIRequest, index: int) -> Choice:
         code = first.get("error_code") or 0
         if code:
             if attempt == 0 and code in RETRY_CODES:
+                refused = RequestError(code, first.get("text") or "the worker is busy")
                 await upstream.refresh()
                 continue
             raise RequestError(code, first.get("text") or "the worker refused the request")
@@ -277,17 +288,36 @@ def _answer(req: OpenAIRequest, finals: list[dict]) -> dict:
             "model": req.model, "choices": out, "usage": _usage(finals)}
 
 
-async def _until_disconnect(request: Request, work: "asyncio.Task") -> bool:
-    """Wait for `work`; cancel it (closing its worker streams, so the worker aborts) if the client leaves.
-    True when the client left."""
+class ClientLeft(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _unless_client_leaves(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`; if the client leaves first, cancel it (closing its worker streams, so the worker
+    aborts) and raise ClientLeft."""
+    work = asyncio.ensure_future(awaitable)
     while not work.done():
         await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
         if not work.done() and await request.is_disconnected():
             work.cancel()
             with contextlib.suppress(BaseException):
                 await work
-            return True
-    return False
+            raise ClientLeft
+    return work.result()
+
+
+async def _finish_all(choices: list[Choice], track: Any) -> list[dict]:
+    """Every choice's last chunk (a non-streaming answer); a worker's error reply raises RequestError."""
+    finals: list[dict] = [{} for _ in choices]
+    async for index, chunk in _merged(choices):
+        if isinstance(chunk, BaseException):
+            raise chunk
+        if chunk.get("error_code"):
+            raise RequestError(chunk["error_code"], chunk["text"])
+        if chunk.get("usage", {}).get("completion_tokens"):
+            track.token()
+        finals[index] = chunk
+    return finals
 
 
 def create_app(controller_address: str, api_key: Optional[str] = None, allowed_origins: tuple[str, ...] = (),
@@ -378,48 +408,25 @@ def create_app(controller_address: str, api_key: Optional[str] = None, allowed_o
         except RequestError as e:
             track.done(REJECTED)
             return _error(e.code, e.message, 413)
+        choices = None  # before the choices open, a refusal is the request's fault; after, the worker's
         try:
             body = await asyncio.to_thread(_parse, raw, limits) if len(raw) > 65536 else _parse(raw, limits)
             req = parse_openai(body, chat)
-            work = asyncio.ensure_future(asyncio.gather(*(_open(upstream, req, i) for i in range(req.n))))
-            if await _until_disconnect(request, work):
-                track.done(ABORTED)
-                return Response(status_code=499)
-            choices = work.result()
+            choices = await _unless_client_leaves(request, asyncio.gather(*(_open(upstream, req, i)
+                                                                             for i in range(req.n))))
+            if req.stream:
+                return StreamingResponse(_sse(req, choices, track), media_type="text/event-stream")
+            finals = await _unless_client_leaves(request, _finish_all(choices, track))
+        except ClientLeft:
+            track.done(ABORTED)
+            return Response(status_code=499)
         except RequestError as e:
-            track.done(REJECTED)
+            track.done(REJECTED if choices is None else ERROR)
             return _error(e.code, e.message, _status_for(e.code))
-        except WorkerFailure as e:
-            track.done(ERROR)
-            return _error(ErrorCode.INTERNAL_ERROR, str(e), 502)
-        except httpx.HTTPError as e:
+        except httpx.HTTPError as e:  # the controller's (a worker's are WorkerFailures)
             track.done(ERROR)
             return _error(ErrorCode.CONTROLLER_NO_WORKER, f"the controller at {controller_address} cannot be "
                                                           f"reached: {type(e).__name__}: {e}", 503)
-        if req.stream:
-            return StreamingResponse(_sse(req, choices, track), media_type="text/event-stream")
-
-        async def finish_all() -> list[dict]:
-            finals: list[dict] = [{} for _ in choices]
-            async for index, chunk in _merged(choices):
-                if isinstance(chunk, BaseException):
-                    raise chunk
-                if chunk.get("error_code"):
-                    raise RequestError(chunk["error_code"], chunk["text"])
-                if chunk.get("usage", {}).get("completion_tokens"):
-                    track.token()
-                finals[index] = chunk
-            return finals
-
-        work = asyncio.create_task(finish_all())
-        if await _until_disconnect(request, work):
-            track.done(ABORTED)
-            return Response(status_code=499)
-        try:
-            finals = work.result()
-        except RequestError as e:
-            track.done(ERROR)
-            return _error(e.code, e.message, _status_for(e.code))
         except Exception as e:
             track.done(ERROR)
             return _error(ErrorCode.INTERNAL_ERROR, _failure_text(e), 502)

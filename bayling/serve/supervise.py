@@ -21,6 +21,9 @@ log = logging.getLogger("bayling.serve.supervise")
 PARENT_ENV = "BAYLING_PARENT_PID"
 PR_SET_PDEATHSIG = 1
 PARENT_POLL_S = 1.0
+# On SIGTERM the worker lets in-flight requests run on this long (--drain-timeout); the launcher,
+# which stops the worker with SIGTERM, waits that long (plus a margin) before SIGKILL.
+DEFAULT_DRAIN_S = 30.0
 
 
 def _set_parent_death_signal(sig: int) -> bool:

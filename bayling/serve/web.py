@@ -3,14 +3,17 @@
 The layout and its event wiring; what each event does lives in web_service.py (answers, Stop, votes)
 and web_sidebar.py (the conversations kept in the browser). Two panels share the model picker,
 system prompt and sampling settings: a chat and an interactive translation.
+
+    python -m bayling.serve.web --controller-url http://127.0.0.1:21001   # the same as web_server.py
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import argparse
+from typing import Any, Optional, Sequence
 
 import gradio as gr
 
-from .web_client import ServeError
+from .web_client import DEFAULT_READ_TIMEOUT_S, ServeError
 from .web_selected import build_selected_panel
 from .web_service import BUSY_NOTE, CONTINUE, NEW, REGENERATE, ChatService, key_of
 from .web_sidebar import build_sidebar
@@ -350,3 +353,34 @@ def run_web_server(config: WebConfig, host: str = "127.0.0.1", port: int = 7860,
     demo.queue(default_concurrency_limit=config.concurrency)
     demo.launch(server_name=host, server_port=port, share=share, auth=auth, theme=theme, css=CSS,
                 ssr_mode=False, show_error=True, footer_links=[])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """`python -m bayling.serve.web` (and `python web_server.py`): parse the flags and serve the page."""
+    parser = argparse.ArgumentParser(prog="python -m bayling.serve.web",
+                                     description="The BayLing chat page over a FastChat controller and our workers")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--controller-url", default="http://127.0.0.1:21001", help="the FastChat controller")
+    parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    parser.add_argument("--auth", metavar="USER:PASS", default=None, help="require this login")
+    parser.add_argument("--log-dir", default="logs", help="where upvote/downvote/flag logs go (one file a day)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_READ_TIMEOUT_S,
+                        help="seconds of silence from a worker before the page reports a timeout")
+    parser.add_argument("--concurrency", type=int, default=16, help="answers streamed at once")
+    args = parser.parse_args(argv)
+    try:
+        auth = parse_auth(args.auth)
+    except ValueError as e:
+        parser.error(str(e))
+    if not args.controller_url.startswith(("http://", "https://")):
+        parser.error(f"--controller-url must start with http:// or https://, got {args.controller_url!r}")
+    if args.timeout <= 0 or args.concurrency < 1:
+        parser.error("--timeout must be > 0 and --concurrency >= 1")
+    config = WebConfig(controller_url=args.controller_url, log_dir=args.log_dir, timeout_s=args.timeout,
+                       concurrency=args.concurrency)
+    run_web_server(config, host=args.host, port=args.port, share=args.share, auth=auth)
+
+
+if __name__ == "__main__":
+    main()

@@ -113,7 +113,7 @@ class ControllerClient:
         address = data.get("address", "") if isinstance(data, dict) else ""
         if not address:
             raise ServeError(f"no worker serves {model!r} any more; pick another model or start "
-                             f"`python model_worker.py --controller-address {self.url}`", NO_WORKER)
+                             f"`python -m bayling.serve.worker --controller-address {self.url}`", NO_WORKER)
         return address
 
 

@@ -111,7 +111,7 @@ def build_payload(model: str, messages: list[dict], system: Optional[str], param
 
 def no_worker_message(controller_url: str) -> str:
     return (f"no model worker is registered with the controller at {controller_url}; start one with "
-            f"`python model_worker.py --controller-address {controller_url}`, then press ↻")
+            f"`python -m bayling.serve.worker --controller-address {controller_url}`, then press ↻")
 
 
 def error_note(message: str) -> str:

@@ -30,6 +30,7 @@ from .limits import Limits, add_limit_args, check_limits, check_text, limits_fro
 from .metrics import ServeMetrics
 from .protocol import Prepared, RequestError, canonical_prompt, error_payload, fastchat_conv, parse_body, \
     prepare_request
+from .supervise import DEFAULT_DRAIN_S
 
 log = logging.getLogger("bayling.serve.worker")
 
@@ -38,7 +39,6 @@ CONTROLLER_TIMEOUT_S = 5
 DISCONNECT_POLL_S = 0.2  # how soon a request notices that its client left
 DEFAULT_PORT = 21002
 DEFAULT_CONTROLLER = "http://localhost:21001"
-DEFAULT_DRAIN_S = 30.0
 # Templating, tokenizing and fitting a request run on these threads, never on the event loop.
 PREPARE_THREADS = 4
 
@@ -284,7 +284,7 @@ def error_reply(e: BaseException) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """`python -m bayling.serve.worker` (the same as `python model_worker.py`)."""
+    """`python -m bayling.serve.worker` (the checkout's model_worker.py calls this)."""
     import sys
 
     from ..loading import add_model_args, load_model, model_args_from

@@ -76,6 +76,31 @@ async def _stream_bytes(worker: Worker, prepared: Prepared, request: Request,
         yield encode(error_reply(e))
 
 
+async def _generate(request: Request, stream: bool) -> Response:
+    """/worker_generate_stream (NUL-delimited chunks) or /worker_generate (the last chunk as one object)."""
+    w: Optional[Worker] = request.app.state.worker
+    if (refused := _refusal(w, request)) is not None:
+        return refused
+    track = w.metrics.track()
+    try:
+        prepared = await w.prepare(request)
+    except RequestError as e:
+        track.done(REJECTED)
+        # HTTP 200, as FastChat's clients expect: one stream chunk, or one JSON object.
+        return Response(encode(error_reply(e))) if stream else JSONResponse(error_reply(e))
+    if stream:
+        return StreamingResponse(_stream_bytes(w, prepared, request, track))
+    try:
+        last = None
+        async for last in _tracked(w, prepared, request, track):
+            pass
+        if last is None or last.finish_reason is None:
+            raise RequestError(ErrorCode.INTERNAL_ERROR, "the client disconnected")
+        return JSONResponse(chunk_payload(last, {**prepared.extra, **w.logprobs_payload(last, prepared)}))
+    except Exception as e:
+        return JSONResponse(error_reply(e))
+
+
 WorkerSource = Union[Worker, Callable[[], Worker]]
 
 
@@ -99,37 +124,11 @@ def create_app(source: WorkerSource) -> FastAPI:
 
     @app.post("/worker_generate_stream")
     async def generate_stream(request: Request) -> Response:
-        w: Optional[Worker] = request.app.state.worker
-        if (refused := _refusal(w, request)) is not None:
-            return refused
-        track = w.metrics.track()
-        try:
-            prepared = await w.prepare(request)
-        except RequestError as e:
-            track.done(REJECTED)
-            return Response(encode(error_reply(e)))
-        return StreamingResponse(_stream_bytes(w, prepared, request, track))
+        return await _generate(request, stream=True)
 
     @app.post("/worker_generate")
-    async def generate(request: Request) -> JSONResponse:
-        w: Optional[Worker] = request.app.state.worker
-        if (refused := _refusal(w, request)) is not None:
-            return refused
-        track = w.metrics.track()
-        try:
-            prepared = await w.prepare(request)
-        except RequestError as e:
-            track.done(REJECTED)
-            return JSONResponse(error_reply(e))
-        try:
-            last = None
-            async for last in _tracked(w, prepared, request, track):
-                pass
-            if last is None or last.finish_reason is None:
-                raise RequestError(ErrorCode.INTERNAL_ERROR, "the client disconnected")
-            return JSONResponse(chunk_payload(last, {**prepared.extra, **w.logprobs_payload(last, prepared)}))
-        except Exception as e:
-            return JSONResponse(error_reply(e))
+    async def generate(request: Request) -> Response:
+        return await _generate(request, stream=False)
 
     @app.post("/worker_get_status")
     async def get_status(request: Request) -> Response:
