@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 BACKENDS = ("auto", "torch", "llama.cpp")
 
@@ -18,12 +18,13 @@ class LlamaCppModel:
     generation_config: Any = None  # what eos_token_ids() looks for on a transformers model
 
 
-def wants_llama_cpp(backend: str, model_path: Optional[str]) -> bool:
-    """--backend llama.cpp, or auto on a .gguf file / the demo model (see docs/llamacpp.md)."""
-    if backend == "llama.cpp":
-        return True
-    # auto stays on torch in this branch until the whole suite has run on llama.cpp (see docs/llamacpp.md)
-    return False
+def wants_llama_cpp(backend: str, model_path: Optional[str], torch_flags: Sequence[str] = ()) -> bool:
+    """--backend llama.cpp; or auto on a .gguf file or the demo model, unless a torch-only flag was given."""
+    if backend != "auto":
+        return backend == "llama.cpp"
+    # auto: a GGUF runs as it is (no de-quantized copy); a flag only transformers honours
+    # (--load-4bit, --device cuda, ...) says the user wants the torch path for it.
+    return not torch_flags and (model_path is None or model_path.endswith(".gguf"))
 
 
 def load_gguf(path: Path, gpu_layers: int = 0) -> tuple[LlamaCppModel, Any]:

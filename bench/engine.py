@@ -35,7 +35,7 @@ from bayling.loading import ModelArgs, load_model
 from bayling.params import GenerationParams
 from bayling.eval.batch import generate_many
 from bayling.templates import Conversation, USER, choose_template
-lm = load_model(ModelArgs(device="cpu"))
+lm = load_model(ModelArgs(device="cpu", backend="torch"))
 tpl = choose_template(lm.name, None)
 qs = json.loads(sys.argv[2]); new = int(sys.argv[3])
 prompts = []
@@ -110,7 +110,7 @@ def main() -> int:
     ns = ap.parse_args()
     from bayling.loading import ModelArgs, load_model
 
-    lm = load_model(ModelArgs(device="cpu"))
+    lm = load_model(ModelArgs(device="cpu", backend="torch"))
     result = {"single_stream": single_stream(lm, ns.new_tokens)}
     print(result, flush=True)
     if not ns.skip_eval:
