@@ -42,12 +42,9 @@ def load_gguf(path: Path, gpu_layers: int = 0) -> tuple[LlamaCppModel, Any]:
 def build_llama_runner(model: LlamaCppModel, max_num_batched_tokens: int,
                        kv_cache_memory: Optional[int]) -> Any:
     """A LlamaCppRunner sized by the engine flags: --kv-cache-memory bytes become the context size."""
-    from .engine.llama_runner import DEFAULT_KV_TOKENS, LlamaCppOptions, LlamaCppRunner
+    from .engine.llama_runner import DEFAULT_KV_TOKENS, LlamaCppOptions, LlamaCppRunner, kv_bytes_per_token
 
-    probe = LlamaCppRunner(model.path, LlamaCppOptions(kv_tokens=256, max_seqs=1), model=model.handle)
-    per_token = probe.kv_bytes_per_token()
-    probe.close()
-    kv_tokens = kv_cache_memory // per_token if kv_cache_memory else DEFAULT_KV_TOKENS
+    kv_tokens = kv_cache_memory // kv_bytes_per_token(model.handle) if kv_cache_memory else DEFAULT_KV_TOKENS
     options = LlamaCppOptions(kv_tokens=max(int(kv_tokens), 256), max_seqs=256,  # forks (n > 1) need slots too; costs nothing here
                               batch_tokens=max(max_num_batched_tokens, 512))
     return LlamaCppRunner(model.path, options, model=model.handle)

@@ -81,6 +81,14 @@ def load_llama_model(path: Path, gpu_layers: int = 0, verbose: bool = False) -> 
     return model
 
 
+def kv_bytes_per_token(model: Any) -> int:
+    """K and V (f16) of every layer for one token of a loaded model (no context needed)."""
+    import llama_cpp as lib
+
+    head_dim = lib.llama_model_n_embd(model) // lib.llama_model_n_head(model)
+    return lib.llama_model_n_layer(model) * 2 * lib.llama_model_n_head_kv(model) * head_dim * F16_BYTES
+
+
 class _Batch:
     """A llama_batch whose arrays are numpy buffers owned here, so filling them is vectorised.
 
@@ -191,9 +199,7 @@ class LlamaCppRunner:
 
     def kv_bytes_per_token(self) -> int:
         """K and V (f16) of every layer for one token."""
-        lib, m = self._lib, self.model
-        head_dim = lib.llama_model_n_embd(m) // lib.llama_model_n_head(m)
-        return lib.llama_model_n_layer(m) * 2 * lib.llama_model_n_head_kv(m) * head_dim * F16_BYTES
+        return kv_bytes_per_token(self.model)
 
     def kv_capacity_tokens(self) -> int:
         """llama.cpp's context size (it rounds the asked size up to a multiple of 256)."""

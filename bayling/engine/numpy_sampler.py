@@ -2,9 +2,10 @@
 
 The rules are sampler.py's. The logits arrive as a read-only view of llama.cpp's own buffer; a step
 copies them only when a row changes them (penalties, logit bias) and otherwise works on small arrays:
-a greedy row is one argmax, top-k and top-p sort only the candidates they keep, and a truncated
-row draws its race noise for its candidates alone. Rows are handled one by one, which costs nothing
-next to a decode step for the batch sizes a CPU serves.
+a greedy row is one argmax, top-k and top-p sort only the candidates they keep. A drawn row inverts
+its cumulative distribution with one uniform number from its generator (exact like torch's
+exponential race, and a vocabulary of noise cheaper per step on a CPU). Rows are handled one by
+one, which costs nothing next to a decode step for the batch sizes a CPU serves.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .sampler import Pick, SamplerRow, StepPlan, picks, plan_step
 
 TOP_P_FIRST_GUESS = 64  # candidates top-p first looks at; grown x4 until they hold the mass
 NEG_INF = np.float32(-np.inf)
+CDF_BLOCK = 256  # a draw over many tokens sums blocks of this many, then inverts one block
 
 
 @dataclass
@@ -62,10 +64,10 @@ class NumpySampler:
         B, V = logits.shape
         for r in rows:
             r.prepare(V)
-        plan = plan_step(rows, V)
         plain = all(r.plain for r in rows)
-        if plain and not plan.drawn and plan.n_top is None:  # greedy, nothing to change: no copy at all
-            return picks(rows, logits.argmax(axis=1).tolist())
+        if plain and all(r.params.greedy and r.params.logprobs is None for r in rows):
+            return [(t, None) for t in logits.argmax(axis=1).tolist()]  # greedy as given: no copy at all
+        plan = plan_step(rows, V)
         work = logits if plain else np.array(logits, dtype=np.float32)
         if not plain:
             for i, r in enumerate(rows):
@@ -77,9 +79,7 @@ class NumpySampler:
             chosen[i] = int(work[i].argmax())
         for j, i in enumerate(plan.drawn):
             scaled, keep = _truncate(work[i] / np.float32(plan.temperatures[j]), plan, j)
-            probs = _softmax(scaled if keep is None else scaled[keep])
-            noise = (rows[i].generator or self._shared).standard_exponential(probs.size, dtype=np.float32)
-            pick = int((probs / noise).argmax())
+            pick = _draw(scaled if keep is None else scaled[keep], rows[i].generator or self._shared)
             chosen[i] = pick if keep is None else int(keep[pick])
             dist[i] = scaled
         if plan.n_top is None:
@@ -141,6 +141,34 @@ def _top_p(scaled: np.ndarray, among: Optional[np.ndarray], top_p: float) -> np.
         if m >= ids.size or before[-1] + p[-1] >= top_p:
             return ids[head[before < np.float32(top_p)]]
         m = min(4 * m, ids.size)
+
+
+def _draw(logits: np.ndarray, generator: np.random.Generator) -> int:
+    """An index drawn from softmax(logits) by inverting its cumulative sum at one uniform number."""
+    weights = np.exp(logits - logits.max())
+    n = weights.size
+    if n <= 2 * CDF_BLOCK:
+        return _invert(weights, generator.random() * float(weights.sum(dtype=np.float64)))
+    # A cumulative sum over the whole vocabulary is slow (sequential); sum blocks (vectorised),
+    # pick the block, then invert inside it.
+    whole = n - n % CDF_BLOCK
+    sums = weights[:whole].reshape(-1, CDF_BLOCK).sum(axis=1, dtype=np.float64)
+    if whole < n:
+        sums = np.append(sums, weights[whole:].sum(dtype=np.float64))
+    cdf = np.cumsum(sums)
+    u = generator.random() * cdf[-1]
+    block = min(int(np.searchsorted(cdf, u, side="right")), cdf.size - 1)
+    start = block * CDF_BLOCK
+    return start + _invert(weights[start:start + CDF_BLOCK], u - (cdf[block - 1] if block else 0.0))
+
+
+def _invert(weights: np.ndarray, u: float) -> int:
+    """The first index whose cumulative weight passes u (never a weight-0 token, even at rounding edges)."""
+    cdf = np.cumsum(weights, dtype=np.float64)
+    i = int(np.searchsorted(cdf, u, side="right"))  # side="right": a weight-0 token adds nothing, so no u lands on it
+    if i >= weights.size:  # u at the very end (rounding): the last token that has weight
+        i = int(np.flatnonzero(weights)[-1])
+    return i
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -1,9 +1,10 @@
 """Batched next-token choice, the part every backend shares: per-row state, the plan of a step, logprobs.
 
 As TGI's heterogeneous chooser: rows with different temperature / top-k / top-p / penalties / logit
-bias share one pass; greedy rows take the argmax. Sampling is the exponential race (argmax of p / E
-with E ~ Exp(1)), which draws exactly from p and lets a seeded row draw its noise from its own
-generator, so its answer does not depend on which other rows share the batch.
+bias share one pass; greedy rows take the argmax. A drawn row draws exactly from its distribution p
+with random numbers from its own generator when it has a seed, so its answer does not depend on
+which other rows share the batch (torch: the exponential race, argmax of p / E with E ~ Exp(1);
+numpy: p's cumulative sum inverted at one uniform number).
 
 The array work lives beside this module, one implementation per array kind: `torch_sampler`
 (TorchRunner: tensors on the model's device) and `numpy_sampler` (LlamaCppRunner: no torch at all).
