@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 BACKENDS = ("auto", "torch", "llama.cpp")
 
@@ -18,12 +18,13 @@ class LlamaCppModel:
     generation_config: Any = None  # what eos_token_ids() looks for on a transformers model
 
 
-def wants_llama_cpp(backend: str, model_path: Optional[str]) -> bool:
-    """--backend llama.cpp, or auto on a .gguf file / the demo model (see docs/llamacpp.md)."""
-    if backend == "llama.cpp":
-        return True
-    # auto stays on torch in this branch until the whole suite has run on llama.cpp (see docs/llamacpp.md)
-    return False
+def wants_llama_cpp(backend: str, model_path: Optional[str], torch_flags: Sequence[str] = ()) -> bool:
+    """--backend llama.cpp; or auto on a .gguf file or the demo model, unless a torch-only flag was given."""
+    if backend != "auto":
+        return backend == "llama.cpp"
+    # auto: a GGUF runs as it is (no de-quantized copy); a flag only transformers honours
+    # (--load-4bit, --device cuda, ...) says the user wants the torch path for it.
+    return not torch_flags and (model_path is None or model_path.endswith(".gguf"))
 
 
 def load_gguf(path: Path, gpu_layers: int = 0) -> tuple[LlamaCppModel, Any]:
@@ -41,12 +42,9 @@ def load_gguf(path: Path, gpu_layers: int = 0) -> tuple[LlamaCppModel, Any]:
 def build_llama_runner(model: LlamaCppModel, max_num_batched_tokens: int,
                        kv_cache_memory: Optional[int]) -> Any:
     """A LlamaCppRunner sized by the engine flags: --kv-cache-memory bytes become the context size."""
-    from .engine.llama_runner import DEFAULT_KV_TOKENS, LlamaCppOptions, LlamaCppRunner
+    from .engine.llama_runner import DEFAULT_KV_TOKENS, LlamaCppOptions, LlamaCppRunner, kv_bytes_per_token
 
-    probe = LlamaCppRunner(model.path, LlamaCppOptions(kv_tokens=256, max_seqs=1), model=model.handle)
-    per_token = probe.kv_bytes_per_token()
-    probe.close()
-    kv_tokens = kv_cache_memory // per_token if kv_cache_memory else DEFAULT_KV_TOKENS
+    kv_tokens = kv_cache_memory // kv_bytes_per_token(model.handle) if kv_cache_memory else DEFAULT_KV_TOKENS
     options = LlamaCppOptions(kv_tokens=max(int(kv_tokens), 256), max_seqs=256,  # forks (n > 1) need slots too; costs nothing here
                               batch_tokens=max(max_num_batched_tokens, 512))
     return LlamaCppRunner(model.path, options, model=model.handle)

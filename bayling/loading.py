@@ -33,7 +33,7 @@ class ModelArgs:
     max_gpu_memory: Optional[str] = None
     cpu_offloading: bool = False
     revision: str = "main"
-    backend: str = "auto"  # auto | torch | llama.cpp (bayling/llama_loading.py)
+    backend: str = "auto"  # auto (llama.cpp for a .gguf / the demo model) | torch | llama.cpp
 
 
 @dataclass
@@ -62,7 +62,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-gpus", type=int, default=1, help="split the model over this many GPUs")
     g.add_argument("--max-gpu-memory", default=None, help="per-GPU cap with --num-gpus, e.g. '13GiB'")
     g.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="llama.cpp runs a .gguf file natively (no conversion); torch runs transformers")
+                   help="llama.cpp runs a .gguf file natively; torch runs transformers (a .gguf is converted "
+                        "once to a safetensors cache); auto = llama.cpp for a .gguf file and the demo model "
+                        "(torch if a torch-only flag such as --load-4bit or --device cuda is given), "
+                        "torch for Hugging Face folders and hub ids")
     g.add_argument("--cpu-offloading", action="store_true",
                    help="with --load-8bit: put what does not fit on the GPU on the CPU")
     e = parser.add_argument_group("engine")
@@ -209,7 +212,11 @@ def load_model(args: ModelArgs) -> LoadedModel:
     """Load model and tokenizer as the flags ask; every failure is a one-line ModelLoadError."""
     if args.gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus  # before CUDA starts: torch initialises it lazily
-    if wants_llama_cpp(args.backend, args.model_path):
+    torch_flags = torch_only_flags(args)
+    if wants_llama_cpp(args.backend, args.model_path, torch_flags):
+        if torch_flags:
+            raise ModelLoadError(f"{torch_flags[0]} applies to the torch backend only; drop it, or pass "
+                                 "--backend torch (a .gguf file is then converted to a safetensors cache)")
         return _load_llama_cpp(args)
     # Find the files first: a wrong path fails at once, before torch is even imported.
     folder, gguf_file, name, is_demo = locate(args.model_path, args.revision)
@@ -245,6 +252,16 @@ def load_model(args: ModelArgs) -> LoadedModel:
                        int(ctx), is_demo)
 
 
+def torch_only_flags(args: ModelArgs) -> list[str]:
+    """The flags given that only the torch backend honours (llama.cpp runs the GGUF's own weights on the CPU)."""
+    flags = [("--load-8bit", args.load_8bit), ("--load-4bit", args.load_4bit),
+             (f"--dtype {args.dtype}", args.dtype != "auto"),
+             (f"--device {args.device}", args.device not in ("auto", "cpu")),
+             (f"--num-gpus {args.num_gpus}", args.num_gpus > 1), ("--max-gpu-memory", bool(args.max_gpu_memory)),
+             ("--cpu-offloading", args.cpu_offloading)]
+    return [name for name, given in flags if given]
+
+
 def _load_llama_cpp(args: ModelArgs) -> LoadedModel:
     """The GGUF file itself, run by llama.cpp: no safetensors conversion, no torch import here."""
     from .llama_loading import load_gguf
@@ -254,6 +271,8 @@ def _load_llama_cpp(args: ModelArgs) -> LoadedModel:
         print(f"Using the demo model {DEMO_NAME} on llama.cpp; {BAYLING_HINT}.", file=sys.stderr)
     else:
         path, is_demo = Path(args.model_path).expanduser(), False
+        if not path.exists():
+            raise ModelLoadError(f"model path {args.model_path} does not exist")
         if not (path.is_file() and path.suffix == ".gguf"):
             raise ModelLoadError(f"--backend llama.cpp needs a .gguf file, got {args.model_path} "
                                  "(export one with python -m bayling.export)")

@@ -59,7 +59,7 @@ def main(max_new_tokens: int, repeats: int, threads: int) -> None:
     from bayling.loading import ModelArgs, load_model
     from bayling.params import GenerationParams
 
-    loaded = load_model(ModelArgs(device="cpu"))
+    loaded = load_model(ModelArgs(device="cpu", backend="torch"))
     params = GenerationParams(temperature=0, max_new_tokens=max_new_tokens)
     rows = [{"question_id": i + 1, "text": q, "category": "bench"} for i, q in enumerate(PROMPTS)]
     engines = {b: EvalModel.from_loaded(loaded, params, batch_size=b, show_progress=False) for b in BATCH_SIZES}

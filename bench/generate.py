@@ -39,7 +39,7 @@ def measure(engine: str, new_tokens: int, dtype: str, load_8bit: bool) -> dict:
     from bayling.templates import Conversation, choose_template
 
     torch.manual_seed(0)
-    lm = load_model(ModelArgs(device="cpu", dtype=dtype, load_8bit=load_8bit))
+    lm = load_model(ModelArgs(device="cpu", dtype=dtype, load_8bit=load_8bit, backend="torch"))
     conv = Conversation(choose_template(lm.name))
     conv.add("user", PROMPT_WORDS)
     prompt = conv.prompt_for_reply(lm.tokenizer)
@@ -115,7 +115,7 @@ def cold_start(cache_dir: str) -> float:
     env = dict(os.environ, BAYLING_CACHE=cache_dir)
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(ROOT / "api.py"), "-m", "Hi", "--stream", "--temperature", "0",
-                             "--max-new-tokens", "4"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             "--max-new-tokens", "4", "--backend", "torch"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             cwd=ROOT, env=env)
     proc.stdout.read(1)
     elapsed = time.perf_counter() - start

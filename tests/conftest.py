@@ -38,7 +38,7 @@ def tiny_llama(tiny_llama_dir):
 
 @pytest.fixture(scope="session")
 def demo_model():
-    """The embedded demo model (SmolLM2-135M-Instruct), loaded once per session."""
+    """The embedded demo model (SmolLM2-135M-Instruct) on the torch backend, loaded once per session."""
     from bayling.loading import ModelArgs, load_model
 
-    return load_model(ModelArgs(device="cpu"))
+    return load_model(ModelArgs(device="cpu", backend="torch"))

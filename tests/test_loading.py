@@ -48,3 +48,24 @@ def test_demo_model_cache_is_keyed_by_hash():
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     found, _, name, is_demo = locate(None)
     assert found == folder and name == DEMO_NAME and is_demo
+
+
+def test_auto_backend_is_llama_cpp_for_gguf_and_the_demo():
+    from bayling.llama_loading import wants_llama_cpp
+
+    assert wants_llama_cpp("auto", None) and wants_llama_cpp("auto", "/m/bayling-13b.Q4_K_M.gguf")
+    assert not wants_llama_cpp("auto", "/m/bayling-13b") and not wants_llama_cpp("auto", "ICTNLP/bayling-13b-v1.1")
+    assert not wants_llama_cpp("auto", None, ["--load-4bit"])  # a torch-only flag keeps auto on torch
+    assert not wants_llama_cpp("torch", None) and not wants_llama_cpp("torch", "/m/x.gguf")
+    assert wants_llama_cpp("llama.cpp", None) and wants_llama_cpp("llama.cpp", "/m/x.gguf")
+
+
+def test_torch_only_flags_are_refused_on_llama_cpp(tmp_path):
+    for flags, named in (({"load_4bit": True}, "--load-4bit"), ({"device": "cuda"}, "--device cuda"),
+                         ({"dtype": "bfloat16"}, "--dtype bfloat16")):
+        with pytest.raises(ModelLoadError, match=f"{named} applies to the torch backend only"):
+            load_model(ModelArgs(backend="llama.cpp", **flags))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(ModelArgs(model_path=str(tmp_path / "missing.gguf")))
+    with pytest.raises(ModelLoadError, match="needs a .gguf file"):
+        load_model(ModelArgs(model_path=str(tmp_path), backend="llama.cpp"))

@@ -19,7 +19,7 @@ from ..output import FINISH_ABORT, SequenceOutput
 from ..tokens import check_prompt_fits
 from .request import FINISH_ERROR, BudgetError, Logprob, OutputKind, Request, RequestOutput
 from .runner import Chunk, Runner
-from .sampler import SamplerRow, sample
+from .sampler import Sampler, SamplerRow
 
 log = logging.getLogger("bayling.engine")
 
@@ -109,6 +109,7 @@ class Engine:
         self._groups: dict[str, _Group] = {}
         self._seq_ids = itertools.count(1)
         self._footprint = getattr(runner, "kv_footprint_tokens", None) or (lambda r: sum(r))
+        self.sampler: Sampler = runner.sampler  # works on the array kind the runner's logits are
 
     # --- requests ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -118,7 +119,7 @@ class Engine:
         reserve = self.check_request(request)
         p = request.params
         group = _Group(request, reserve)
-        group.seqs.append(self._new_sequence(request, 0, SamplerRow(p, list(request.prompt_ids), p.seed)))
+        group.seqs.append(self._new_sequence(request, 0, self.sampler.new_row(p, list(request.prompt_ids), p.seed)))
         self._groups[request.request_id] = group
         self._waiting.append(group)
 
@@ -192,7 +193,9 @@ class Engine:
                     rows.append(sib.row)
                     logit_rows.append(i)
             if sample_seqs:
-                picks = sample(logits[logit_rows], rows)
+                # every row once, in order (a plain decode step): the runner's logits as they are
+                whole = logit_rows == list(range(len(logits)))
+                picks = self.sampler.sample(logits if whole else logits[logit_rows], rows)
                 for s, (token, lp) in zip(sample_seqs, picks):
                     self._push(s, token, lp, outputs)
         except Exception as e:  # fails the requests of this step only; the rest of the queue goes on

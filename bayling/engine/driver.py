@@ -163,10 +163,9 @@ class EngineThread:
 def build_engine(model: Any, tokenizer: Any, *, context_len: Optional[int] = None, max_num_seqs: Optional[int] = None,
                  max_num_batched_tokens: Optional[int] = None, kv_cache_memory: Optional[int] = None,
                  gpu_memory_utilization: Optional[float] = None) -> Engine:
-    """An Engine over a TorchRunner for a transformers model, with the engine flags' values."""
+    """An Engine over the model's runner (TorchRunner, or LlamaCppRunner for a GGUF), with the engine flags."""
     from ..tokens import eos_token_ids
     from .core import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, EngineConfig
-    from .torch_runner import DEFAULT_GPU_MEMORY_UTILIZATION, TorchRunner
 
     seqs = max_num_seqs or DEFAULT_MAX_NUM_SEQS
     config = EngineConfig(seqs, max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, seqs))
@@ -175,6 +174,8 @@ def build_engine(model: Any, tokenizer: Any, *, context_len: Optional[int] = Non
 
         runner = build_llama_runner(model, config.max_num_batched_tokens, kv_cache_memory)
         return Engine(runner, tokenizer, eos_token_ids(model, tokenizer), config)
+    from .torch_runner import DEFAULT_GPU_MEMORY_UTILIZATION, TorchRunner  # torch: only on this path
+
     runner = TorchRunner(model, context_len=context_len, kv_cache_memory=kv_cache_memory,
                          gpu_memory_utilization=gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION)
     return Engine(runner, tokenizer, eos_token_ids(model, tokenizer), config)

@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .numpy_sampler import NumpySampler
 from .runner import Chunk
 
 DEFAULT_KV_TOKENS = 8192  # the context size (summed over sequences) when none is asked for
@@ -78,6 +79,14 @@ def load_llama_model(path: Path, gpu_layers: int = 0, verbose: bool = False) -> 
     if not model:
         raise LlamaCppError(f"llama.cpp could not load {path} (not a GGUF model it supports, or a damaged file)")
     return model
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """K and V (f16) of every layer for one token of a loaded model (no context needed)."""
+    import llama_cpp as lib
+
+    head_dim = lib.llama_model_n_embd(model) // lib.llama_model_n_head(model)
+    return lib.llama_model_n_layer(model) * 2 * lib.llama_model_n_head_kv(model) * head_dim * F16_BYTES
 
 
 class _Batch:
@@ -149,25 +158,27 @@ class LlamaCppRunner:
         self._slots: dict[int, int] = {}  # engine seq id -> llama.cpp seq id
         self._free_slots = list(range(options.max_seqs - 1, -1, -1))
         self._lengths: dict[int, int] = {}  # engine seq id -> tokens held in the KV cache
+        self.sampler = NumpySampler()
 
     # --- Runner interface -------------------------------------------------------------------
-    def run(self, chunks: Sequence[Chunk]) -> Any:
-        """Feed all chunks (one llama_decode per batch_tokens), return last-token logits [N, vocab]."""
-        import torch
+    def run(self, chunks: Sequence[Chunk]) -> np.ndarray:
+        """Feed all chunks (one llama_decode per batch_tokens), return last-token logits [N, vocab].
 
+        When the step fits one llama_decode (every decode step does), the array is a view of
+        llama.cpp's own logits buffer: no copy, valid until the next run().
+        """
         if not chunks:
-            return torch.empty((0, self.vocab_size), dtype=torch.float32)
-        out = np.empty((len(chunks), self.vocab_size), dtype=np.float32)
+            return np.empty((0, self.vocab_size), dtype=np.float32)
         slots = [self._slot_for(c) for c in chunks]
         try:
-            self._decode_all(chunks, slots, out)
+            logits = self._decode_all(chunks, slots)
         except BaseException:
             for chunk, slot in zip(chunks, slots):  # no half-fed chunk stays in the cache
                 self._lib.llama_memory_seq_rm(self._memory, slot, chunk.start, -1)
             raise
         for chunk in chunks:
             self._lengths[chunk.seq_id] = chunk.start + len(chunk.tokens)
-        return torch.from_numpy(out)
+        return logits
 
     def free(self, seq_id: int) -> None:
         """Forget a sequence's KV and give its llama.cpp slot back."""
@@ -188,9 +199,7 @@ class LlamaCppRunner:
 
     def kv_bytes_per_token(self) -> int:
         """K and V (f16) of every layer for one token."""
-        lib, m = self._lib, self.model
-        head_dim = lib.llama_model_n_embd(m) // lib.llama_model_n_head(m)
-        return lib.llama_model_n_layer(m) * 2 * lib.llama_model_n_head_kv(m) * head_dim * F16_BYTES
+        return kv_bytes_per_token(self.model)
 
     def kv_capacity_tokens(self) -> int:
         """llama.cpp's context size (it rounds the asked size up to a multiple of 256)."""
@@ -236,9 +245,23 @@ class LlamaCppRunner:
             self._lengths[chunk.seq_id] = chunk.start
         return slot
 
-    def _decode_all(self, chunks: Sequence[Chunk], slots: list[int], out: np.ndarray) -> None:
-        # Pack chunks in order into batches of <= capacity tokens; a long chunk spans several.
+    def _decode_all(self, chunks: Sequence[Chunk], slots: list[int]) -> np.ndarray:
         b, cap = self._batch, self._batch.capacity
+        if all(len(c.tokens) == 1 for c in chunks) and len(chunks) <= cap:  # a decode step: no loop per token
+            n = len(chunks)
+            b.token[:n] = [c.tokens[0] for c in chunks]
+            b.pos[:n] = [c.start for c in chunks]
+            b.seq[:n] = slots
+            b.logits[:n] = 1
+            self._decode(n)
+            return self._logits(n)
+        if sum(len(c.tokens) for c in chunks) <= cap:
+            n = self._fill(chunks, slots)
+            self._decode(n)
+            return self._logits(len(chunks))
+        # Too many tokens for one llama_decode: pack chunks in order into batches of <= capacity tokens
+        # (a long chunk spans several) and copy each batch's logits out before the next overwrites them.
+        out = np.empty((len(chunks), self.vocab_size), dtype=np.float32)
         n, rows = 0, []  # tokens in the batch; output rows whose logits it ends with
         for row, (chunk, slot) in enumerate(zip(chunks, slots)):
             tokens = np.asarray(chunk.tokens, dtype=np.int32)
@@ -247,30 +270,65 @@ class LlamaCppRunner:
             done = 0
             while done < tokens.size:
                 take = min(cap - n, tokens.size - done)
-                b.token[n:n + take] = tokens[done:done + take]
-                b.pos[n:n + take] = np.arange(chunk.start + done, chunk.start + done + take, dtype=np.int32)
-                b.seq[n:n + take] = slot
-                b.logits[n:n + take] = 0
+                self._put(n, tokens[done:done + take], chunk.start + done, slot)
                 done += take
                 n += take
                 if done == tokens.size:
                     b.logits[n - 1] = 1
                     rows.append(row)
                 if n == cap:
-                    self._decode(n, rows, out)
+                    self._decode(n)
+                    out[rows] = self._logits(len(rows))
                     n, rows = 0, []
         if n:
-            self._decode(n, rows, out)
+            self._decode(n)
+            out[rows] = self._logits(len(rows))
+        return out
 
-    def _decode(self, n: int, rows: list[int], out: np.ndarray) -> None:
+    def _fill(self, chunks: Sequence[Chunk], slots: list[int]) -> int:
+        """Put the chunks into the batch, each asking for its last token's logits; returns the tokens."""
+        n = 0
+        for chunk, slot in zip(chunks, slots):
+            if not chunk.tokens:
+                raise ValueError(f"empty chunk for sequence {chunk.seq_id}")
+            self._put(n, np.asarray(chunk.tokens, dtype=np.int32), chunk.start, slot)
+            n += len(chunk.tokens)
+            self._batch.logits[n - 1] = 1
+        return n
+
+    def _put(self, at: int, tokens: np.ndarray, pos: int, slot: int) -> None:
+        b, end = self._batch, at + tokens.size
+        b.token[at:end] = tokens
+        b.pos[at:end] = np.arange(pos, pos + tokens.size, dtype=np.int32)
+        b.seq[at:end] = slot
+        b.logits[at:end] = 0
+
+    def _decode(self, n: int) -> None:
         self._batch.struct.n_tokens = n
         rc = self._lib.llama_decode(self.ctx, self._batch.struct)
         if rc == 1:
             raise LlamaCppError(f"llama.cpp's KV cache ({self._n_ctx} tokens) has no room for {n} more tokens")
         if rc != 0:
             raise LlamaCppError(f"llama_decode failed with code {rc} on a batch of {n} tokens")
-        if rows:
-            # Logits of the tokens that asked for them lie contiguously, in batch order.
-            ptr = self._lib.llama_get_logits(self.ctx)
-            got = np.ctypeslib.as_array(ptr, shape=(len(rows), self.vocab_size))
-            out[rows] = got
+
+    def _logits(self, rows: int) -> np.ndarray:
+        """The last decode's logits (the tokens that asked for them lie contiguously, in batch order)."""
+        address = ctypes.cast(self._lib.llama_get_logits(self.ctx), ctypes.c_void_p).value
+        view = np.frombuffer(_float_buffer(address, rows * self.vocab_size), dtype=np.float32)
+        view.flags.writeable = False  # llama.cpp's memory: the sampler copies before it changes a row
+        return view.reshape(rows, self.vocab_size)
+
+
+def _float_buffer(address: int, count: int) -> Any:
+    """`count` float32s at `address` as a buffer numpy can view (ctypes array types are cached per size)."""
+    return _float_array_type(count).from_address(address)
+
+
+_array_types: dict[int, Any] = {}
+
+
+def _float_array_type(count: int) -> Any:
+    kind = _array_types.get(count)
+    if kind is None:
+        kind = _array_types[count] = ctypes.c_float * count
+    return kind

@@ -28,12 +28,14 @@ class Runner(Protocol):
 
     vocab_size: int  # width of the logits rows run() returns
     context_len: int  # the model's context window in tokens
+    sampler: Any  # a sampler.Sampler for the array kind run() returns (torch tensors, numpy arrays)
 
     def run(self, chunks: Sequence[Chunk]) -> Any:
         """Feed every chunk (one forward where the backend can), keeping each sequence's KV.
 
-        Returns float32 logits [len(chunks), vocab_size] for the LAST token of each chunk, as a
-        torch tensor on the device the sampler runs on (llama.cpp: CPU).
+        Returns float32 logits [len(chunks), vocab_size] for the LAST token of each chunk, of the
+        kind `sampler` takes (TorchRunner: a tensor on the model's device; LlamaCppRunner: a numpy
+        array that may view the backend's own buffer, valid until the next run()).
         """
 
     def free(self, seq_id: int) -> None:

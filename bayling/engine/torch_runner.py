@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..tokens import context_length
 from .runner import Chunk
+from .torch_sampler import TorchSampler
 
 KV_GROWTH = 256  # columns are allocated in blocks so a decode step rarely reallocates
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
@@ -58,6 +59,7 @@ class TorchRunner:
                              f"the model uses {attn!r}")
         self.model = model
         self.device = model_device(model)
+        self.sampler = TorchSampler()
         self.context_len = context_len or context_length(model)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0]) \
             if model.get_output_embeddings() is not None else int(model.config.vocab_size)
