@@ -35,7 +35,7 @@ from bayling.loading import ModelArgs, load_model
 from bayling.params import GenerationParams
 from bayling.eval.batch import generate_many
 from bayling.templates import Conversation, USER, choose_template
-lm = load_model(ModelArgs(device="cpu", backend="torch"))
+lm = load_model(ModelArgs(device="cpu"))
 tpl = choose_template(lm.name, None)
 qs = json.loads(sys.argv[2]); new = int(sys.argv[3])
 prompts = []
