@@ -38,7 +38,15 @@ def tiny_llama(tiny_llama_dir):
 
 @pytest.fixture(scope="session")
 def demo_model():
-    """The embedded demo model (SmolLM2-135M-Instruct), loaded once per session."""
-    from bayling.loading import ModelArgs, load_model
+    """The embedded demo model (SmolLM2-135M-Instruct) on the torch backend, loaded once per session."""
+    from backends import demo
 
-    return load_model(ModelArgs(device="cpu"))
+    return demo("torch")
+
+
+@pytest.fixture(scope="session")
+def demo_llama():
+    """The demo model's GGUF on the llama.cpp backend, loaded once per session."""
+    from backends import demo
+
+    return demo("llama.cpp")
