@@ -2,6 +2,7 @@
 
     ctl = start_controller(tmp_path)
     worker = start_worker(ctl.url, tmp_path)           # waits until the controller lists its model
+                                                        # (backend="llama.cpp": the demo GGUF on llama.cpp)
     api = start_openai_server(ctl.url, tmp_path)        # FastChat's; ours=True for bayling.serve.openai_api
     ...
     stop_all([api, worker, ctl])                        # always, e.g. in a fixture's finally
@@ -70,18 +71,19 @@ def start_controller(log_dir: Path, port: Optional[int] = None, *, heart_beat_ex
 
 def start_worker(controller_url: Optional[str], log_dir: Path, port: Optional[int] = None, *,
                  model_path: Optional[str] = None, args: Iterable[str] = (), heart_beat_interval: Optional[int] = None,
-                 script: bool = True, threads: Optional[int] = WORKER_THREADS, timeout: float = 180.0) -> Service:
+                 script: bool = True, threads: Optional[int] = WORKER_THREADS, backend: str = "torch",
+                 timeout: float = 180.0) -> Service:
     """Our worker (`python model_worker.py`, the demo model on the CPU unless model_path is given).
 
     Waits until it answers /worker_get_status and, when controller_url is given, until the
     controller lists its model; controller_url=None starts it with --no-register.
     heart_beat_interval sets FASTCHAT_WORKER_HEART_BEAT_INTERVAL (seconds). script=False runs
     `python -m bayling.serve.worker` instead of the top-level script. threads sets OMP_NUM_THREADS
-    (None: torch's default).
+    (None: torch's default). backend is always passed as --backend (never left to what auto means).
     """
     port = port or free_port()
     cmd = [str(ROOT / "model_worker.py")] if script else ["-m", "bayling.serve.worker"]
-    cmd += ["--host", HOST, "--port", str(port), "--device", "cpu"]
+    cmd += ["--host", HOST, "--port", str(port), "--device", "cpu", "--backend", backend]
     cmd += ["--controller-address", controller_url] if controller_url else ["--no-register"]
     if model_path:
         cmd += ["--model-path", str(model_path)]

@@ -58,12 +58,11 @@ def test_bayling3_conv_renders_our_prompt_exactly():
             Conversation(get_template("BayLing-3"), system, messages).prompt_for_reply()
 
 
-def test_demo_chatml_template_maps_to_fastchat_chatml():
-    from transformers import AutoTokenizer
+@pytest.mark.parametrize("backend", ["torch", "llama.cpp"])
+def test_demo_chatml_template_maps_to_fastchat_chatml(backend):
+    from backends import demo
 
-    from bayling.demo import converted_gguf_folder, demo_gguf_path
-
-    tokenizer = AutoTokenizer.from_pretrained(converted_gguf_folder(demo_gguf_path()))
+    tokenizer = demo(backend).tokenizer  # transformers' from the converted folder, or llama.cpp's own
     conv, problem = fastchat_conv(get_template("tokenizer"), tokenizer)
     assert problem == "", problem
     assert conv["sep_style"] == 9 and conv["roles"] == ["<|im_start|>user", "<|im_start|>assistant"]

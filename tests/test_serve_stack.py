@@ -1,5 +1,6 @@
 """The serving stack as real processes on 127.0.0.1: FastChat's controller and OpenAI server, our worker
-(`python model_worker.py`, the demo model on the CPU) and our OpenAI server. One stack per module."""
+(`python model_worker.py`, the demo model on the CPU) and our OpenAI server. One stack per backend (torch,
+llama.cpp); answers are checked against that backend's own reference (tests/backends.py)."""
 import json
 import os
 import signal
@@ -10,12 +11,9 @@ import time
 
 import pytest
 import requests
-import torch
 
-from bayling.generation import generate
-from bayling.tokens import encode_prompt
+from backends import BACKENDS, demo, reference
 from bayling.serve.launch import default_sigint
-from bayling.params import GenerationParams
 from bayling.templates import Conversation, Message, get_template
 from stack import (ROOT, free_port, http_json, start_controller, start_openai_server, start_worker, stop_all,
                    wait_http)
@@ -27,20 +25,23 @@ TIMEOUT = 120
 JSON = {"Content-Type": "application/json"}
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    logs = tmp_path_factory.mktemp("serve-logs")
+@pytest.fixture(scope="module", params=BACKENDS)
+def stack(request, tmp_path_factory):
+    backend = request.param
+    logs = tmp_path_factory.mktemp(f"serve-logs-{backend}")
     started = []
     try:
         ctl = start_controller(logs)
         started.append(ctl)
-        worker = start_worker(ctl.url, logs, args=["--limit-worker-concurrency", "4", "--stream-interval", "1"])
+        worker = start_worker(ctl.url, logs, args=["--limit-worker-concurrency", "4", "--stream-interval", "1"],
+                              backend=backend)
         started.append(worker)
         fastchat_api = start_openai_server(ctl.url, logs)
         started.append(fastchat_api)
         our_api = start_openai_server(ctl.url, logs, ours=True)
         started.append(our_api)
-        yield {"controller": ctl, "worker": worker, "fastchat_api": fastchat_api, "api": our_api, "logs": logs}
+        yield {"controller": ctl, "worker": worker, "fastchat_api": fastchat_api, "api": our_api, "logs": logs,
+               "backend": backend}
     finally:
         stop_all(reversed(started))
 
@@ -57,18 +58,16 @@ def status(stack):
     return http_json(stack["worker"].url + "/worker_get_status")
 
 
-def greedy(demo_model, prompt, max_new_tokens):
-    """The golden answer, generated in this process (one thread, as the stack's worker runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return generate(demo_model.model, demo_model.tokenizer, prompt,
-                        GenerationParams(temperature=0, max_new_tokens=max_new_tokens)).text
-    finally:
-        torch.set_num_threads(threads)
+def greedy(stack, prompt, max_new_tokens):
+    """The backend's own greedy answer, made in this process (torch: one thread, as the stack's worker runs)."""
+    return reference(stack["backend"]).greedy(prompt, max_new_tokens, threads=1).text
 
 
-def test_worker_registers_with_fastchat_controller(stack, demo_model):
+def prompt_tokens(stack, prompt):
+    return len(reference(stack["backend"]).ids(prompt))
+
+
+def test_worker_registers_with_fastchat_controller(stack):
     ctl, worker = stack["controller"], stack["worker"]
     assert http_json(ctl.url + "/list_models")["models"] == [MODEL]
     assert http_json(ctl.url + "/get_worker_address", {"model": MODEL})["address"] == worker.url
@@ -76,16 +75,16 @@ def test_worker_registers_with_fastchat_controller(stack, demo_model):
     assert st["model_names"] == [MODEL] and st["speed"] == 1 and st["queue_length"] == 0
     assert {"decode_steps", "shared_steps", "peak_batch", "mean_batch", "running", "waiting"} <= set(st["batching"])
     assert http_json(worker.url + "/model_details")["context_length"] == 8192
-    n = len(encode_prompt(demo_model.tokenizer, CHAT_PROMPT))
+    n = prompt_tokens(stack, CHAT_PROMPT)
     assert http_json(worker.url + "/count_token", {"prompt": CHAT_PROMPT}) == {"count": n, "error_code": 0}
     assert http_json(worker.url + "/worker_get_conv_template")["conv"]["sep_style"] == 9  # CHATML
 
 
-def test_stream_protocol_byte_for_byte(stack, demo_model):
+def test_stream_protocol_byte_for_byte(stack):
     payload = {"model": MODEL, "prompt": CHAT_PROMPT, "temperature": 0, "max_new_tokens": 24, "echo": False}
     chunks = raw_stream(stack["worker"].url + "/worker_generate_stream", payload)
     previous, tokens = "", 0
-    n = len(encode_prompt(demo_model.tokenizer, CHAT_PROMPT))
+    n = prompt_tokens(stack, CHAT_PROMPT)
     for raw in chunks:
         d = json.loads(raw)
         assert list(d) == STOCK_KEYS
@@ -99,7 +98,7 @@ def test_stream_protocol_byte_for_byte(stack, demo_model):
     last = json.loads(chunks[-1])
     assert all(json.loads(c)["finish_reason"] is None for c in chunks[:-1])
     assert last["finish_reason"] in ("stop", "length") and len(chunks) > 3
-    assert last["text"] == greedy(demo_model, CHAT_PROMPT, 24)
+    assert last["text"] == greedy(stack, CHAT_PROMPT, 24)
 
     # Through the controller's relay, and as one reply from /worker_generate: the same answer.
     relayed = raw_stream(stack["controller"].url + "/worker_generate_stream", payload)
@@ -113,12 +112,13 @@ def test_prompt_is_echoed_by_default_like_fastchat_workers(stack):
     assert reply["error_code"] == 0 and reply["text"].startswith("Once upon a time")
 
 
-def test_messages_extension_renders_our_template(stack, demo_model):
+def test_messages_extension_renders_our_template(stack):
     messages = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a fruit."}]
     reply = requests.post(stack["worker"].url + "/worker_generate",
                           json={"messages": messages, "temperature": 0, "max_new_tokens": 12}, timeout=TIMEOUT).json()
     conv = Conversation(get_template("tokenizer"), "Answer in one word.", [Message("user", "Name a fruit.")])
-    assert reply["text"] == greedy(demo_model, conv.prompt_for_reply(demo_model.tokenizer), 12)
+    tokenizer = demo(stack["backend"]).tokenizer  # renders the chat template the worker's model carries
+    assert reply["text"] == greedy(stack, conv.prompt_for_reply(tokenizer), 12)
 
 
 def test_fastchat_openai_server_against_our_worker(stack):
@@ -244,12 +244,14 @@ def test_disconnecting_client_frees_its_slot(stack):
     assert after["tokens"] - before["tokens"] < 400  # stopped long before its 4000 tokens
 
 
-def test_killed_worker_is_dropped_by_the_controller(stack):
-    logs = stack["logs"]
+# The next two are about processes, not the model: one backend is enough (llama.cpp starts faster).
+def test_killed_worker_is_dropped_by_the_controller(tmp_path):
+    logs = tmp_path
     ctl = start_controller(logs, heart_beat_expiration=2)
     worker = api = None
     try:
-        worker = start_worker(ctl.url, logs, heart_beat_interval=1, args=["--model-names", "doomed"])
+        worker = start_worker(ctl.url, logs, heart_beat_interval=1, args=["--model-names", "doomed"],
+                              backend="llama.cpp")
         api = start_openai_server(ctl.url, logs, ours=True)
         assert http_json(ctl.url + "/list_models")["models"] == ["doomed"]
         worker.kill()
@@ -268,7 +270,7 @@ def test_one_command_starts_and_stops_the_stack(tmp_path):
     ports = [free_port() for _ in range(4)]
     cmd = [sys.executable, "-m", "bayling.serve", "--controller-port", str(ports[0]), "--worker-port", str(ports[1]),
            "--web-port", str(ports[2]), "--openai-api", "bayling", "--openai-port", str(ports[3]), "--no-web",
-           "--log-dir", str(tmp_path), "--device", "cpu"]
+           "--log-dir", str(tmp_path), "--device", "cpu", "--backend", "llama.cpp"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
                             start_new_session=True, preexec_fn=default_sigint)
@@ -302,7 +304,7 @@ def test_one_command_starts_and_stops_the_stack(tmp_path):
                     pass
 
 
-def test_logprobs_and_seed_in_the_worker_protocol(stack, demo_model):
+def test_logprobs_and_seed_in_the_worker_protocol(stack):
     payload = {"model": MODEL, "prompt": CHAT_PROMPT, "temperature": 0, "max_new_tokens": 6, "echo": False,
                "logprobs": 2}
     last = requests.post(stack["worker"].url + "/worker_generate", json=payload, timeout=TIMEOUT).json()
@@ -310,12 +312,9 @@ def test_logprobs_and_seed_in_the_worker_protocol(stack, demo_model):
     assert set(lp) == {"text_offset", "tokens", "token_logprobs", "top_logprobs"}
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 6
     assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(6)]
-    ids = encode_prompt(demo_model.tokenizer, CHAT_PROMPT)
-    with torch.no_grad():
-        logits = demo_model.model(torch.tensor([ids])).logits[0, -1].float()
-    first = int(logits.argmax())
-    assert lp["tokens"][0] == demo_model.tokenizer.decode([first])
-    assert lp["token_logprobs"][0] == pytest.approx(float(logits.log_softmax(-1)[first]), abs=1e-3)
+    first, logprob = reference(stack["backend"]).first_logprob(CHAT_PROMPT)
+    assert lp["tokens"][0] == demo(stack["backend"]).tokenizer.decode([first])
+    assert lp["token_logprobs"][0] == pytest.approx(logprob, abs=1e-3)
     assert len(lp["top_logprobs"][0]) <= 2
     sampled = {"model": MODEL, "prompt": CHAT_PROMPT, "temperature": 1.0, "max_new_tokens": 12, "echo": False,
                "seed": 11, "presence_penalty": 0.5, "frequency_penalty": 0.5, "logit_bias": {"0": -100}}
