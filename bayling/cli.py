@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Optional, TypeVar
 
 from .loading import ModelLoadError, add_model_args
 from .params import GenerationParams
 from .templates import get_template
+
+T = TypeVar("T")
 
 
 def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int = 512,
@@ -58,3 +61,21 @@ def run_main(main: Callable[[], int | None]) -> None:
         print(file=sys.stderr)
         code = 130
     raise SystemExit(code or 0)
+
+
+def run_writing_job(job: Callable[[], T], errors: type[Exception] | tuple[type[Exception], ...]) -> tuple[int, Optional[T]]:
+    """Run a command whose output is written beside and renamed when complete (apply_delta, export).
+
+    SIGTERM unwinds like Ctrl-C, so the partial output is removed on the way out. An error of
+    `errors` is one 'error: ...' line; returns (exit status, the job's result or None): 0, 2, or
+    130 on Ctrl-C.
+    """
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return 0, job()
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2, None
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130, None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -284,18 +283,13 @@ def parse_args(argv: list[str]) -> ExportJob:
 
 def main(argv: list[str]) -> int:
     """Run the export; errors are one line on stderr and exit code 2 (130 on Ctrl-C)."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind like Ctrl-C: the partial file goes
+    from .cli import run_writing_job
+
     job = parse_args(argv)
-    try:
-        result = export(job)
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    print(result.summary())
-    return 0
+    code, result = run_writing_job(lambda: export(job), ExportError)
+    if result is not None:
+        print(result.summary())
+    return code
 
 
 def console() -> None:

@@ -8,10 +8,10 @@ Paths are local folders or hub ids (inputs only). Memory stays near the largest 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
+from ..cli import run_writing_job
 from . import DEFAULT_MAX_SHARD_SIZE, DeltaError, DeltaJob, run
 
 
@@ -38,22 +38,15 @@ def parse_args(argv: list[str]) -> DeltaJob:
 
 
 def main(argv: list[str]) -> int:
-    # SIGTERM unwinds like Ctrl-C, so the half-written folder is removed on the way out.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     job = parse_args(argv)
     if job.to_gguf:
         gguf = _gguf_path(job.target)
         if gguf.exists() and not job.force:  # refuse before the long merge, not after it
             print(f"error: {gguf} already exists; pass --force to replace it", file=sys.stderr)
             return 2
-    try:
-        result = run(job)
-    except DeltaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    code, result = run_writing_job(lambda: run(job), DeltaError)
+    if result is None:
+        return code
     print(result.summary())
     if result.verdict:
         print(result.verdict)
