@@ -39,12 +39,14 @@ def load_gguf(path: Path, gpu_layers: int = 0) -> tuple[LlamaCppModel, Any]:
     return model, LlamaCppTokenizer(handle, path.stem)
 
 
-def build_llama_runner(model: LlamaCppModel, max_num_batched_tokens: int,
+def build_llama_runner(model: LlamaCppModel, max_num_seqs: int, max_num_batched_tokens: int,
                        kv_cache_memory: Optional[int]) -> Any:
-    """A LlamaCppRunner sized by the engine flags: --kv-cache-memory bytes become the context size."""
+    """A LlamaCppRunner sized by the engine flags: --kv-cache-memory bytes become the context size, and
+    --max-num-seqs the sequence slots (the engine never runs more sequences, n > 1 forks included;
+    spare slots are not free: llama.cpp's per-step work grows with them)."""
     from .engine.llama_runner import DEFAULT_KV_TOKENS, LlamaCppOptions, LlamaCppRunner, kv_bytes_per_token
 
     kv_tokens = kv_cache_memory // kv_bytes_per_token(model.handle) if kv_cache_memory else DEFAULT_KV_TOKENS
-    options = LlamaCppOptions(kv_tokens=max(int(kv_tokens), 256), max_seqs=256,  # forks (n > 1) need slots too; costs nothing here
+    options = LlamaCppOptions(kv_tokens=max(int(kv_tokens), 256), max_seqs=max_num_seqs,
                               batch_tokens=max(max_num_batched_tokens, 512))
     return LlamaCppRunner(model.path, options, model=model.handle)

@@ -172,7 +172,7 @@ def build_engine(model: Any, tokenizer: Any, *, context_len: Optional[int] = Non
     if hasattr(model, "handle"):  # a GGUF loaded by llama.cpp (bayling/llama_loading.py)
         from ..llama_loading import build_llama_runner
 
-        runner = build_llama_runner(model, config.max_num_batched_tokens, kv_cache_memory)
+        runner = build_llama_runner(model, config.max_num_seqs, config.max_num_batched_tokens, kv_cache_memory)
         return Engine(runner, tokenizer, eos_token_ids(model, tokenizer), config)
     from .torch_runner import DEFAULT_GPU_MEMORY_UTILIZATION, TorchRunner  # torch: only on this path
 
