@@ -255,13 +255,10 @@ class LlamaCppRunner:
             b.logits[:n] = 1
             self._decode(n)
             return self._logits(n)
-        if sum(len(c.tokens) for c in chunks) <= cap:
-            n = self._fill(chunks, slots)
-            self._decode(n)
-            return self._logits(len(chunks))
-        # Too many tokens for one llama_decode: pack chunks in order into batches of <= capacity tokens
-        # (a long chunk spans several) and copy each batch's logits out before the next overwrites them.
-        out = np.empty((len(chunks), self.vocab_size), dtype=np.float32)
+        # Pack chunks in order into batches of <= capacity tokens (a long chunk spans several). A step
+        # that needs one llama_decode returns llama.cpp's logits as they lie; a bigger one copies each
+        # batch's rows out before the next llama_decode overwrites them.
+        out: Optional[np.ndarray] = None
         n, rows = 0, []  # tokens in the batch; output rows whose logits it ends with
         for row, (chunk, slot) in enumerate(zip(chunks, slots)):
             tokens = np.asarray(chunk.tokens, dtype=np.int32)
@@ -278,23 +275,16 @@ class LlamaCppRunner:
                     rows.append(row)
                 if n == cap:
                     self._decode(n)
+                    if out is None:
+                        out = np.empty((len(chunks), self.vocab_size), dtype=np.float32)
                     out[rows] = self._logits(len(rows))
                     n, rows = 0, []
         if n:
             self._decode(n)
+            if out is None:  # the whole step was this one llama_decode
+                return self._logits(len(rows))
             out[rows] = self._logits(len(rows))
         return out
-
-    def _fill(self, chunks: Sequence[Chunk], slots: list[int]) -> int:
-        """Put the chunks into the batch, each asking for its last token's logits; returns the tokens."""
-        n = 0
-        for chunk, slot in zip(chunks, slots):
-            if not chunk.tokens:
-                raise ValueError(f"empty chunk for sequence {chunk.seq_id}")
-            self._put(n, np.asarray(chunk.tokens, dtype=np.int32), chunk.start, slot)
-            n += len(chunk.tokens)
-            self._batch.logits[n - 1] = 1
-        return n
 
     def _put(self, at: int, tokens: np.ndarray, pos: int, slot: int) -> None:
         b, end = self._batch, at + tokens.size
