@@ -32,7 +32,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import psutil
 
-from bayling.serve.launch import HOST, Service, ensure_started, free_port, start_process, stop_all, wait_http
+from bayling.serve.launch import HOST, Service, default_sigint, ensure_started, free_port, start_process, stop_all, \
+    wait_http
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: its top-level scripts (model_worker.py...)
 
@@ -183,8 +184,11 @@ def launched(args: Sequence[str], cwd: Path = ROOT, env: Optional[dict] = None) 
     offline, one torch thread a process)."""
     if env is None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), **OFFLINE, "OMP_NUM_THREADS": str(WORKER_THREADS)}
+    # preexec_fn: Ctrl-C's default action back, as a terminal gives it (a backgrounded CI shell starts
+    # us with SIGINT ignored, and the launcher would inherit that and never see the test's Ctrl-C).
     proc = subprocess.Popen([sys.executable, "-m", "bayling.serve", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=default_sigint)
     launch = Launch(proc)
     try:
         launch.read_until("Ctrl-C")
