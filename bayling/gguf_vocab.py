@@ -118,11 +118,28 @@ def _is_byte_level(pre: Optional[dict]) -> bool:
     return pre.get("type") == "ByteLevel"
 
 
+# Llama 3's split, as its tokenizer.json writes it (a Split pre-tokenizer before a regex-free ByteLevel)
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def _pre_name(pre: dict) -> str:
-    # GPT-2's own split (ByteLevel with its regex) is llama.cpp's "gpt-2"; other splits (Llama 3, SmolLM2)
-    # are told apart by llama.cpp's converter with a hash of a test encoding, which we do not reproduce.
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+    """llama.cpp's name for the way a tokenizer.json splits text before BPE.
+
+    llama.cpp's own converter tells splits apart by hashing a test encoding; here the pre-tokenizer's
+    definition is read instead, for the splits LLaMA-architecture models use: GPT-2's regex ("gpt-2"),
+    single digits then GPT-2's regex (SmolLM, "smollm"), and Llama 3's regex ("llama-bpe").
+    """
+    steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if (kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True)
+            and (steps[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")):
+        return "llama-bpe"
     print("warning: unrecognised byte-level pre-tokenizer; llama.cpp will split text with its default rule, "
           "which may tokenize some text differently from transformers", file=sys.stderr)
     return "default"

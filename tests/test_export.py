@@ -237,3 +237,26 @@ def test_demo_model_round_trip(tmp_path):
     llm = llama(out)
     assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
     assert llama_greedy(llm, ids) == hf_greedy(folder, ids)
+
+
+SPLIT_TEXTS = ["Call 0123456789 or +1 (555) 010-9999 before 12:30.", "I'M SURE you'll LOVE it, won't you?",
+               "line one\n\n  indented line\r\n\ttab  two  spaces   three", "你好123世界 😀 café 3.14159",
+               "    return a + b\n"]
+
+
+@pytest.mark.parametrize("split", ["gpt-2", "smollm", "llama-bpe"])
+def test_pre_tokenizer_carried_over(split, tmp_path):
+    """llama.cpp splits text before BPE as the tokenizer.json does (digits one by one for SmolLM2, in
+    threes for Llama 3, contractions in any case, runs of newlines), so it tokenizes as transformers."""
+    from gguf import GGUFReader
+
+    from tiny import build_bpe_tokenizer, build_tiny_llama
+
+    tok = build_bpe_tokenizer(split=split)
+    folder = build_tiny_llama(tmp_path / "m", tok)
+    out = tmp_path / "m.gguf"
+    assert export(folder, out, "F16") == 0
+    assert GGUFReader(str(out)).fields["tokenizer.ggml.pre"].contents() == split
+    llm = llama(out)
+    for text in SPLIT_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False) == tok(text, add_special_tokens=False).input_ids, text

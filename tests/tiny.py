@@ -22,13 +22,24 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_bpe_tokenizer(vocab_size: int = 600):
-    """A byte-level BPE tokenizer (as Llama 3 / SmolLM2 use), trained on CORPUS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_bpe_tokenizer(vocab_size: int = 600, split: str = "gpt-2"):
+    """A byte-level BPE tokenizer trained on CORPUS, splitting text before BPE as `split` says:
+    "gpt-2" (GPT-2's regex), "smollm" (single digits, then GPT-2's regex, as SmolLM2) or "llama-bpe"
+    (Llama 3's regex, merges ignored for whole-word tokens, as Llama 3)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    from bayling.gguf_vocab import LLAMA3_SPLIT
+
+    tok = Tokenizer(models.BPE(ignore_merges=split == "llama-bpe"))
+    tok.pre_tokenizer = {
+        "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
+        "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+        "llama-bpe": lambda: pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    }[split]()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
