@@ -22,7 +22,7 @@ def main() -> None:
     loaded = load_model(model_args_from(args))
     template = choose_template(loaded.name, args.conv_template)
     show = (lambda c: print(c.delta, end="", flush=True)) if args.stream and not args.json else None
-    engine = build_engine(loaded.model, loaded.tokenizer, context_len=loaded.context_len, **engine_kwargs_from(args))
+    engine = build_engine(loaded.model, loaded.tokenizer, context_len=loaded.context_len, **engine_kwargs_from(args, params.n))
     last = answer(loaded, template, message, params, args.system, on_chunk=show, engine=engine)
     if args.json:
         print(json.dumps({"text": last.text, "usage": last.usage, "finish_reason": last.finish_reason},

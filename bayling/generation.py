@@ -26,8 +26,8 @@ def generate_stream(model: Any, tokenizer: Any, prompt: Union[str, Sequence[int]
 
     prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
-    check_prompt_fits(len(ids), context_len or context_length(model))
     engine = engine or build_engine(model, tokenizer, context_len=context_len, max_num_seqs=params.n)
+    check_prompt_fits(len(ids), engine.context_len)
     text = ""  # with echo, the first delta carries the prompt
     request = Request(f"g{next(_ids)}", ids, params, OutputKind.DELTA, prompt_text)
     for out in stream(engine, request):

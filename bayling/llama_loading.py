@@ -39,14 +39,45 @@ def load_gguf(path: Path, gpu_layers: int = 0) -> tuple[LlamaCppModel, Any]:
     return model, LlamaCppTokenizer(handle, path.stem)
 
 
+def seq_tokens_for(context_len: int, bytes_per_token: int, max_seqs: int, kv_cache_memory: Optional[int],
+                   ram: int) -> int:
+    """KV cells for each of max_seqs sequences (llama.cpp gives every sequence a stream of its own).
+
+    --kv-cache-memory is split evenly over the sequences. Without it each gets the model's window up
+    to DEFAULT_SEQ_TOKENS, shrunk to keep the whole cache within CPU_KV_SHARE of RAM (as the torch
+    backend's CPU default). Streams are multiples of 256 tokens, at least 256.
+    """
+    from .engine.llama_runner import DEFAULT_SEQ_TOKENS, KV_STREAM_ALIGN
+    from .engine.runner import CPU_KV_SHARE
+
+    if kv_cache_memory is not None:
+        if kv_cache_memory <= 0:
+            raise ValueError(f"--kv-cache-memory must be > 0 bytes, got {kv_cache_memory}")
+        each = kv_cache_memory // bytes_per_token // max_seqs
+        if each < KV_STREAM_ALIGN:
+            raise ValueError(f"--kv-cache-memory {kv_cache_memory} bytes holds {kv_cache_memory // bytes_per_token} "
+                             f"tokens ({bytes_per_token} bytes each): too few for --max-num-seqs {max_seqs} sequences "
+                             f"of at least {KV_STREAM_ALIGN} tokens; raise it to "
+                             f"{KV_STREAM_ALIGN * max_seqs * bytes_per_token} or lower --max-num-seqs")
+    else:
+        wanted = min(max(context_len, KV_STREAM_ALIGN), DEFAULT_SEQ_TOKENS)
+        each = min(wanted, int(ram * CPU_KV_SHARE) // bytes_per_token // max_seqs)
+    return max(KV_STREAM_ALIGN, min(each, _aligned_up(context_len, KV_STREAM_ALIGN)) // KV_STREAM_ALIGN * KV_STREAM_ALIGN)
+
+
+def _aligned_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
 def build_llama_runner(model: LlamaCppModel, max_num_seqs: int, max_num_batched_tokens: int,
                        kv_cache_memory: Optional[int]) -> Any:
-    """A LlamaCppRunner sized by the engine flags: --kv-cache-memory bytes become the context size, and
-    --max-num-seqs the sequence slots (the engine never runs more sequences, n > 1 forks included;
-    spare slots are not free: llama.cpp's per-step work grows with them)."""
-    from .engine.llama_runner import DEFAULT_KV_TOKENS, LlamaCppOptions, LlamaCppRunner, kv_bytes_per_token
+    """A LlamaCppRunner sized by the engine flags: --max-num-seqs sequence slots (the engine never runs
+    more sequences, n > 1 forks included; spare slots are not free: each holds a KV stream), each with
+    its share of --kv-cache-memory (seq_tokens_for)."""
+    from .engine.llama_runner import LlamaCppOptions, LlamaCppRunner, kv_bytes_per_token
+    from .engine.runner import ram_bytes
 
-    kv_tokens = kv_cache_memory // kv_bytes_per_token(model.handle) if kv_cache_memory else DEFAULT_KV_TOKENS
-    options = LlamaCppOptions(kv_tokens=max(int(kv_tokens), 256), max_seqs=max_num_seqs,
-                              batch_tokens=max(max_num_batched_tokens, 512))
+    seq_tokens = seq_tokens_for(model.context_len, kv_bytes_per_token(model.handle), max_num_seqs, kv_cache_memory,
+                                ram_bytes())
+    options = LlamaCppOptions(seq_tokens=seq_tokens, max_seqs=max_num_seqs, batch_tokens=max(max_num_batched_tokens, 512))
     return LlamaCppRunner(model.path, options, model=model.handle)

@@ -70,12 +70,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="with --load-8bit: put what does not fit on the GPU on the CPU")
     e = parser.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=int, default=None,
-                   help="most answers decoded together (default 16; eval: --batch-size)")
+                   help="most answers decoded together (default 16 for servers, n for chat and one-shot answers; "
+                        "eval: --batch-size)")
     e.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="most tokens one step feeds the model, prompt chunks plus decodes (default 512)")
     e.add_argument("--kv-cache-memory", type=parse_size, default=None,
                    help="KV cache budget, e.g. 2GiB (default: CUDA memory x --gpu-memory-utilization "
-                        "less the weights; 1/8 of RAM on the CPU)")
+                        "less the weights; 1/8 of RAM on the CPU). llama.cpp splits it evenly over "
+                        "--max-num-seqs sequences (default there: each gets the model's window, at most "
+                        "4096 tokens, within 1/8 of RAM)")
     e.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="share of GPU memory the weights, activations and KV cache may use (default 0.9)")
 
@@ -96,10 +99,13 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def engine_kwargs_from(ns: argparse.Namespace) -> dict:
-    """The engine flags as build_engine keyword arguments."""
-    return {k: getattr(ns, k, None) for k in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
-                                               "gpu_memory_utilization")}
+def engine_kwargs_from(ns: argparse.Namespace, answers: Optional[int] = None) -> dict:
+    """The engine flags as build_engine keyword arguments. `answers`: the sequences a one-user tool
+    (chat, api.py) runs at once, the --max-num-seqs default there (llama.cpp gives each slot a KV stream)."""
+    kwargs = {k: getattr(ns, k, None) for k in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
+                                                 "gpu_memory_utilization")}
+    kwargs["max_num_seqs"] = kwargs["max_num_seqs"] or answers
+    return kwargs
 
 
 def model_args_from(ns: argparse.Namespace) -> ModelArgs:

@@ -16,13 +16,17 @@ def answer(loaded: LoadedModel, template: Template, message: str, params: Genera
            system: Optional[str] = None, on_chunk: Optional[Callable[[StreamChunk], None]] = None,
            engine: Any = None) -> StreamChunk:
     """Answer one user message; on_chunk sees every streamed chunk. Returns the last chunk."""
+    from .engine.driver import build_engine
+
+    engine = engine or build_engine(loaded.model, loaded.tokenizer, context_len=loaded.context_len,
+                                    max_num_seqs=params.n)
     conv = Conversation(template, system)
     conv.add(USER, message)
-    fitted = fit_conversation(conv, loaded.tokenizer, loaded.context_len, params.max_new_tokens)
+    fitted = fit_conversation(conv, loaded.tokenizer, engine.context_len, params.max_new_tokens)
     params = params_for_template(params, template, loaded.tokenizer)
     last = None
     for last in generate_stream(loaded.model, loaded.tokenizer, fitted.input_ids, params,
-                                context_len=loaded.context_len, engine=engine):
+                                context_len=engine.context_len, engine=engine):
         if on_chunk is not None:
             on_chunk(last)
     assert last is not None

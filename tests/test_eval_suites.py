@@ -38,12 +38,6 @@ def engine(backend):
 def test_answer_multi_turn_uses_the_history_and_matches_the_reference(engine, backend, tmp_path):
     rows = load_questions(str(SAMPLES / "questions.multiturn.en.jsonl"))
     out = tmp_path / "res.multiturn.jsonl"
-    if backend == "llama.cpp":
-        # llama.cpp's kernels give a sequence slightly other logits in a batch than alone (measured here:
-        # "The Sea of Gold." alone, "The Sea of Shalter." batched with the other row), so the comparison
-        # with llama_cpp.Llama's single-sequence greedy answers runs one row at a time.
-        engine = EvalModel.from_loaded(engine.loaded, GenerationParams(temperature=0, max_new_tokens=MAX_NEW),
-                                       batch_size=1, show_progress=False)
     assert answer_rows(engine, rows, out) == 2
     answers = read_jsonl(out)
     tok, ref = engine.loaded.tokenizer, reference(backend)

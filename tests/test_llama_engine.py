@@ -1,6 +1,6 @@
 """The engine on the llama.cpp backend: cancelling a request frees its llama.cpp sequence (the KV cells
-themselves, not only the engine's books), so a request needing the whole KV budget is admitted next and
-answers exactly as llama_cpp.Llama does."""
+themselves, not only the engine's books), so the request waiting for its sequence and the whole KV budget is
+admitted next and answers exactly as llama_cpp.Llama does."""
 from __future__ import annotations
 
 import pytest
@@ -41,7 +41,7 @@ def whole_budget(engine, ids: list[int]) -> GenerationParams:
 
 def test_cancellation_frees_the_sequence(demo_llama):
     tok = demo_llama.tokenizer
-    engine = build_engine(demo_llama.model, tok, max_num_seqs=4, kv_cache_memory=KV_TOKENS * KV_BYTES_PER_TOKEN)
+    engine = build_engine(demo_llama.model, tok, max_num_seqs=1, kv_cache_memory=KV_TOKENS * KV_BYTES_PER_TOKEN)
     runner = engine.runner
     assert runner.kv_capacity_tokens() == KV_TOKENS
     ids = tok(PROMPT)["input_ids"]
@@ -51,7 +51,7 @@ def test_cancellation_frees_the_sequence(demo_llama):
     run_steps(engine, 4)  # prefill + 3 decodes: the cache holds the prompt and 3 answer tokens
     ((seq, slot),) = runner._slots.items()
     assert held_positions(runner) == {slot: len(ids) + 2}
-    # a second request of budget size waits: "a" has reserved every KV token
+    # a second request waits: "a" holds the only sequence and every KV token
     engine.add_request(Request("b", ids, params, OutputKind.CUMULATIVE))
     run_steps(engine, 2)
     assert (engine.num_running, engine.num_waiting) == (1, 1) and list(runner._slots) == [seq]
@@ -84,7 +84,7 @@ def test_cancellation_frees_the_sequence(demo_llama):
 
 def test_cancelled_waiting_request_never_touches_the_cache(demo_llama):
     tok = demo_llama.tokenizer
-    engine = build_engine(demo_llama.model, tok, max_num_seqs=4, kv_cache_memory=KV_TOKENS * KV_BYTES_PER_TOKEN)
+    engine = build_engine(demo_llama.model, tok, max_num_seqs=1, kv_cache_memory=KV_TOKENS * KV_BYTES_PER_TOKEN)
     ids = tok(PROMPT)["input_ids"]
     params = whole_budget(engine, ids)
     engine.add_request(Request("a", ids, params, OutputKind.DELTA))

@@ -21,7 +21,7 @@ def main() -> None:
     loaded = load_model(model_args_from(args))
     template = choose_template(loaded.name, args.conv_template)
     chatio.info(f"model: {loaded.name} on {loaded.device} (template {template.name}); {HELP}")
-    engine = build_engine(loaded.model, loaded.tokenizer, context_len=loaded.context_len, **engine_kwargs_from(args))
+    engine = build_engine(loaded.model, loaded.tokenizer, context_len=loaded.context_len, **engine_kwargs_from(args, params.n))
     chat_loop(ChatSession(loaded, Conversation(template, args.system), params, args.debug, engine=engine), chatio)
 
 

@@ -29,19 +29,24 @@ class ChatSession:
     params: GenerationParams
     debug: bool = False
     last_stats: dict = field(default_factory=dict)
-    engine: Any = None  # built once from the engine flags; None = a default engine per answer
+    engine: Any = None  # built once from the engine flags; None = a default one, built at the first answer
 
     def reply(self, chatio: ChatIO) -> Optional[StreamChunk]:
         """Stream an answer to the conversation so far and append it to the history."""
         tok = self.loaded.tokenizer
-        fitted = fit_conversation(self.conv, tok, self.loaded.context_len, self.params.max_new_tokens)
+        if self.engine is None:
+            from ..engine.driver import build_engine
+
+            self.engine = build_engine(self.loaded.model, tok, context_len=self.loaded.context_len,
+                                       max_num_seqs=self.params.n)
+        fitted = fit_conversation(self.conv, tok, self.engine.context_len, self.params.max_new_tokens)
         if fitted.notice:
             chatio.info(fitted.notice)
         if self.debug:
             chatio.info(f"[prompt]\n{fitted.prompt}")
         params = params_for_template(self.params, self.conv.template, tok)
         stream = generate_stream(self.loaded.model, tok, fitted.input_ids, params,
-                                 context_len=self.loaded.context_len, engine=self.engine)
+                                 context_len=self.engine.context_len, engine=self.engine)
         last, interrupted = None, False
         start = time.perf_counter()
         first_at = None

@@ -144,6 +144,11 @@ class Engine:
         if group is not None:
             group.aborted = True
 
+    @property
+    def context_len(self) -> int:
+        """The longest sequence this engine runs, prompt and answer (conversations are fitted to it)."""
+        return self.runner.context_len
+
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
 

@@ -1,10 +1,17 @@
 """LlamaCppRunner: the engine's Runner on llama.cpp (through llama-cpp-python's ctypes bindings).
 
 One llama_decode per step holds every chunk's tokens, each token tagged with its sequence's KV id
-and position; logits are asked for only at each chunk's last token. The KV cache is llama.cpp's
-own, unified across sequences (kv_unified), so the context size IS the engine's KV budget in tokens
-summed over sequences. The engine's sequence ids are arbitrary ints; llama.cpp's must lie in
-[0, n_seq_max), so the runner keeps a map from one to the other and recycles freed slots.
+and position; logits are asked for only at each chunk's last token. The engine's sequence ids are
+arbitrary ints; llama.cpp's must lie in [0, n_seq_max), so the runner keeps a map from one to the
+other and recycles freed slots.
+
+Each slot has a KV stream of its own (llama.cpp's kv_unified off), `seq_tokens` cells long. Two
+reasons, both measured on the demo model: with one stream shared by all sequences every token
+attends over every sequence's cells (masked), so 16 sequences decoded 1.4x slower; and where a
+sequence's cells fall in a shared stream changes the order llama.cpp's vector kernels sum in, so a
+sequence's greedy answer depended on what ran beside it. With a stream each, a batched answer is
+token for token the answer it gets alone. The price: a sequence can hold at most seq_tokens tokens
+(the runner's context_len), whatever the others use.
 """
 from __future__ import annotations
 
@@ -19,8 +26,9 @@ import numpy as np
 from .numpy_sampler import NumpySampler
 from .runner import Chunk
 
-DEFAULT_KV_TOKENS = 8192  # the context size (summed over sequences) when none is asked for
-DEFAULT_MAX_SEQS = 64
+DEFAULT_SEQ_TOKENS = 4096  # KV cells per sequence when none are asked for
+KV_STREAM_ALIGN = 256  # llama.cpp rounds a stream's size up to a multiple of this
+DEFAULT_MAX_SEQS = 16
 DEFAULT_BATCH_TOKENS = 2048  # tokens per llama_decode call; a bigger step is split into several
 F16_BYTES = 2  # llama.cpp's default K and V cache type
 LOG_LEVEL_ERROR = 4  # GGML_LOG_LEVEL_ERROR: llama.cpp's messages below this are dropped
@@ -34,7 +42,7 @@ class LlamaCppError(RuntimeError):
 class LlamaCppOptions:
     """How to run a GGUF file on llama.cpp."""
 
-    kv_tokens: int = DEFAULT_KV_TOKENS  # the context size: tokens held over all sequences
+    seq_tokens: int = DEFAULT_SEQ_TOKENS  # KV cells of each sequence (a multiple of 256)
     max_seqs: int = DEFAULT_MAX_SEQS  # sequences alive at once (llama.cpp allows at most 256)
     batch_tokens: int = DEFAULT_BATCH_TOKENS
     threads: Optional[int] = None  # None = every core this process may use
@@ -128,31 +136,35 @@ class LlamaCppRunner:
         self.options = options
         if not 1 <= options.max_seqs <= 256:
             raise ValueError(f"max_seqs must be between 1 and 256 (llama.cpp's limit), got {options.max_seqs}")
+        if options.seq_tokens < KV_STREAM_ALIGN or options.seq_tokens % KV_STREAM_ALIGN:
+            raise ValueError(f"seq_tokens must be a positive multiple of {KV_STREAM_ALIGN}, got {options.seq_tokens}")
         self.model = model if model is not None else load_llama_model(self.path, options.gpu_layers,
                                                                          options.verbose)
         self._owns_model = model is None
         threads = options.threads or default_threads()
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = max(options.kv_tokens, 1)
+        params.n_ctx = options.seq_tokens * options.max_seqs
         params.n_batch = options.batch_tokens
         params.n_ubatch = min(options.batch_tokens, 512)
         params.n_seq_max = options.max_seqs
         params.n_threads = threads
         params.n_threads_batch = threads
-        params.kv_unified = True  # one budget shared by all sequences, as the engine accounts it
+        params.kv_unified = False  # a KV stream per sequence (see the module's docstring)
         params.no_perf = True
         # llama.cpp picks flash attention by default; on the CPU it computes in f16 and moves logits by
         # up to ~1.0, so it is opt-in here (off, as llama_cpp.Llama has it).
         params.flash_attn_type = 1 if options.flash_attn else 0
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
-            raise LlamaCppError(f"llama.cpp could not create a context of {options.kv_tokens} tokens for "
-                                f"{self.path.name} (out of memory?); lower --kv-cache-memory")
+            raise LlamaCppError(f"llama.cpp could not create a context of {options.max_seqs} x {options.seq_tokens} "
+                                f"tokens for {self.path.name} (out of memory?); lower --kv-cache-memory")
         self._memory = llama_cpp.llama_get_memory(self.ctx)
         vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(vocab))
-        self.context_len = int(llama_cpp.llama_model_n_ctx_train(self.model))
         self._n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
+        # the longest sequence: its stream, or the window the model was trained on if that is shorter
+        self.context_len = min(int(llama_cpp.llama_model_n_ctx_train(self.model)),
+                               int(llama_cpp.llama_n_ctx_seq(self.ctx)))
         # llama.cpp caps the batch at the context size; a bigger batch would abort the process
         self._batch = _Batch(int(llama_cpp.llama_n_batch(self.ctx)))
         self._slots: dict[int, int] = {}  # engine seq id -> llama.cpp seq id
@@ -202,7 +214,7 @@ class LlamaCppRunner:
         return kv_bytes_per_token(self.model)
 
     def kv_capacity_tokens(self) -> int:
-        """llama.cpp's context size (it rounds the asked size up to a multiple of 256)."""
+        """llama.cpp's context size: every sequence's stream together."""
         return self._n_ctx
 
     def close(self) -> None:
@@ -297,7 +309,8 @@ class LlamaCppRunner:
         self._batch.struct.n_tokens = n
         rc = self._lib.llama_decode(self.ctx, self._batch.struct)
         if rc == 1:
-            raise LlamaCppError(f"llama.cpp's KV cache ({self._n_ctx} tokens) has no room for {n} more tokens")
+            raise LlamaCppError(f"llama.cpp's KV cache ({self.options.seq_tokens} tokens per sequence) has no "
+                                f"room for {n} more tokens")
         if rc != 0:
             raise LlamaCppError(f"llama_decode failed with code {rc} on a batch of {n} tokens")
 

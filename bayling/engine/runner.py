@@ -6,8 +6,11 @@ LlamaCppRunner (llama.cpp through llama-cpp-python). Nothing in here imports tor
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
+
+CPU_KV_SHARE = 0.125  # the KV budget on a CPU when none is asked for: this share of RAM
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class Runner(Protocol):
     """A model backend. Single-threaded: only the engine's stepping thread calls it."""
 
     vocab_size: int  # width of the logits rows run() returns
-    context_len: int  # the model's context window in tokens
+    context_len: int  # the longest sequence in tokens (the model's window, or less where the KV layout caps it)
     sampler: Any  # a sampler.Sampler for the array kind run() returns (torch tensors, numpy arrays)
 
     def run(self, chunks: Sequence[Chunk]) -> Any:
@@ -49,3 +52,11 @@ class Runner(Protocol):
 
     def kv_capacity_tokens(self) -> int:
         """Tokens (summed over sequences) the KV budget holds; the engine admits within it."""
+
+
+def ram_bytes() -> int:
+    """Physical memory of this machine (8 GiB where the OS will not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30

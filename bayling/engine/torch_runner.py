@@ -10,19 +10,17 @@ device of that layer, so an accelerate device map needs nothing special.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional, Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..tokens import context_length
-from .runner import Chunk
+from .runner import CPU_KV_SHARE, Chunk, ram_bytes
 from .torch_sampler import TorchSampler
 
 KV_GROWTH = 256  # columns are allocated in blocks so a decode step rarely reallocates
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
-CPU_KV_SHARE = 0.125  # the CPU default budget: this share of RAM
 
 
 def model_device(model: Any) -> torch.device:
@@ -106,7 +104,7 @@ class TorchRunner:
                                  f"{utilization} - {used / 2**30:.1f} GiB of weights - 2 GiB of activations; "
                                  "raise --gpu-memory-utilization or pass --kv-cache-memory")
         else:
-            budget = int(_ram_bytes() * CPU_KV_SHARE)
+            budget = int(ram_bytes() * CPU_KV_SHARE)
         return max(1, budget // self.kv_bytes_per_token())
 
     # --- the Runner interface ------------------------------------------------------------------
@@ -234,10 +232,3 @@ class TorchRunner:
             else:
                 out.append(buf[:, :, :b["T"]].index_select(0, b["rows_t"].to(buf.device)))
         return out[0], out[1]
-
-
-def _ram_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30

@@ -122,7 +122,7 @@ class EvalModel:
                 t = len(answers[i])
                 conv = self.conversation(turns[i][:t + 1], [a.text for a in answers[i]])
                 try:
-                    fitted = fit_conversation(conv, self.loaded.tokenizer, self.loaded.context_len,
+                    fitted = fit_conversation(conv, self.loaded.tokenizer, engine.context_len,
                                               self.params.max_new_tokens)
                     rid = f"{i}/{t}"
                     engine.add_request(Request(rid, fitted.input_ids, self.params_for(i, t), OutputKind.FINAL,

@@ -113,6 +113,7 @@ class Worker:
             lm.model, lm.tokenizer, context_len=lm.context_len, max_num_seqs=config.limit_worker_concurrency,
             max_num_batched_tokens=config.max_num_batched_tokens, kv_cache_memory=config.kv_cache_memory,
             gpu_memory_utilization=config.gpu_memory_utilization))
+        self.context_len = self.engine.engine.context_len  # what a conversation is fitted to
         self.conv, self.conv_problem = fastchat_conv(self.template, lm.tokenizer)
         if self.conv_problem:
             log.warning("%s; FastChat's OpenAI server cannot be used with this model, "
@@ -191,7 +192,7 @@ class Worker:
         check_limits(data, self.config.limits)
         if isinstance(data.get("prompt"), str):  # FastChat's OpenAI server renders history as given
             data["prompt"] = canonical_prompt(self.template, data["prompt"])
-        return prepare_request(data, self.template, self.lm.tokenizer, self.lm.context_len)
+        return prepare_request(data, self.template, self.lm.tokenizer, self.context_len)
 
     async def prepare(self, request: Request) -> Prepared:
         """Read (bounded) and prepare a request off the event loop."""

@@ -155,7 +155,7 @@ def create_app(source: WorkerSource) -> FastAPI:
     @app.post("/model_details")
     async def model_details(request: Request) -> Response:
         w: Optional[Worker] = request.app.state.worker
-        return _refusal(w, request, needs_body=False) or JSONResponse({"context_length": w.lm.context_len})
+        return _refusal(w, request, needs_body=False) or JSONResponse({"context_length": w.context_len})
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
