@@ -15,6 +15,7 @@ class LlamaCppModel:
     path: Path
     handle: Any  # the llama_model pointer (memory-mapped weights)
     context_len: int
+    threads: Optional[int] = None  # None = every core this process may use
     generation_config: Any = None  # what eos_token_ids() looks for on a transformers model
 
 
@@ -27,7 +28,7 @@ def wants_llama_cpp(backend: str, model_path: Optional[str], torch_flags: Sequen
     return not torch_flags and (model_path is None or model_path.endswith(".gguf"))
 
 
-def load_gguf(path: Path, gpu_layers: int = 0) -> tuple[LlamaCppModel, Any]:
+def load_gguf(path: Path, gpu_layers: int = 0, threads: Optional[int] = None) -> tuple[LlamaCppModel, Any]:
     """(model, tokenizer) for a GGUF file, both from llama.cpp."""
     from .engine.llama_runner import load_llama_model
     from .llama_tokenizer import LlamaCppTokenizer
@@ -35,7 +36,7 @@ def load_gguf(path: Path, gpu_layers: int = 0) -> tuple[LlamaCppModel, Any]:
     import llama_cpp
 
     handle = load_llama_model(path, gpu_layers)
-    model = LlamaCppModel(path, handle, int(llama_cpp.llama_model_n_ctx_train(handle)))
+    model = LlamaCppModel(path, handle, int(llama_cpp.llama_model_n_ctx_train(handle)), threads)
     return model, LlamaCppTokenizer(handle, path.stem)
 
 
@@ -79,5 +80,6 @@ def build_llama_runner(model: LlamaCppModel, max_num_seqs: int, max_num_batched_
 
     seq_tokens = seq_tokens_for(model.context_len, kv_bytes_per_token(model.handle), max_num_seqs, kv_cache_memory,
                                 ram_bytes())
-    options = LlamaCppOptions(seq_tokens=seq_tokens, max_seqs=max_num_seqs, batch_tokens=max(max_num_batched_tokens, 512))
+    options = LlamaCppOptions(seq_tokens=seq_tokens, max_seqs=max_num_seqs,
+                              batch_tokens=max(max_num_batched_tokens, 512), threads=model.threads)
     return LlamaCppRunner(model.path, options, model=model.handle)

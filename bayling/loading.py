@@ -34,6 +34,11 @@ class ModelArgs:
     cpu_offloading: bool = False
     revision: str = "main"
     backend: str = "auto"  # auto (llama.cpp for a .gguf / the demo model) | torch | llama.cpp
+    threads: Optional[int] = None  # CPU threads; None = every core this process may use
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
 
 
 @dataclass
@@ -66,6 +71,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "once to a safetensors cache); auto = llama.cpp for a .gguf file and the demo model "
                         "(torch if a torch-only flag such as --load-4bit or --device cuda is given), "
                         "torch for Hugging Face folders and hub ids")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads the model computes with (llama.cpp's -t; torch's intra-op threads); "
+                        "default: every core this process may use. Fewer leave cores to other programs: "
+                        "llama.cpp's threads wait for each other by spinning, so sharing cores slows it a lot")
     g.add_argument("--cpu-offloading", action="store_true",
                    help="with --load-8bit: put what does not fit on the GPU on the CPU")
     e = parser.add_argument_group("engine")
@@ -229,6 +238,9 @@ def load_model(args: ModelArgs) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     config = _check_causal_lm(folder, args.model_path or name)
@@ -284,7 +296,7 @@ def _load_llama_cpp(args: ModelArgs) -> LoadedModel:
                                  "(export one with python -m bayling.export)")
         name = path.stem
     try:
-        model, tokenizer = load_gguf(path)
+        model, tokenizer = load_gguf(path, threads=args.threads)
     except ImportError:
         raise ModelLoadError("--backend llama.cpp needs llama-cpp-python (make setup builds it)") from None
     except RuntimeError as e:

@@ -128,3 +128,11 @@ def test_the_engine_window_is_the_stream(loaded):
     params = GenerationParams(temperature=0.0, max_new_tokens=10_000, ignore_eos=True)
     got = [o for o in stream(engine, Request("r", ids, params, OutputKind.FINAL))][-1]
     assert got.finish_reason == "length" and len(ids) + len(got.token_ids) == 512
+
+
+def test_threads_flag_reaches_llama_cpp():
+    one = load_model(ModelArgs(backend="llama.cpp", threads=1))
+    runner = build_engine(one.model, one.tokenizer, max_num_seqs=1).runner
+    assert (llama_cpp.llama_n_threads(runner.ctx), llama_cpp.llama_n_threads_batch(runner.ctx)) == (1, 1)
+    with pytest.raises(ValueError, match="--threads must be >= 1"):
+        ModelArgs(threads=0)

@@ -84,6 +84,22 @@ def test_batched_equals_single_and_chunks_split(runner, reference):
         assert together[s] == reference_greedy(reference, tokens, 12)
 
 
+def test_rows_follow_the_callers_order(runner, reference):
+    prompts = {1: ids(reference, PROMPTS[0]), 2: ids(reference, PROMPTS[1]), 3: ids(reference, PROMPTS[2])}
+    for s, tokens in prompts.items():
+        runner.run([Chunk(s, tokens[:-1], 0)])
+    runner.free(1)
+    runner.run([Chunk(4, prompts[1][:-1], 0)])  # takes the lowest free slot, the one 1 left
+    assert sorted(runner._slots.values()) == [0, 1, 2] and runner._slots[4] < runner._slots[2]
+    prompts[4] = prompts.pop(1)
+    order = [3, 4, 2]  # not the slots' order: llama.cpp is fed in slot order, rows come back in this one
+    got = runner.run([Chunk(s, prompts[s][-1:], len(prompts[s]) - 1) for s in order])
+    for row, s in enumerate(order):
+        np.testing.assert_array_equal(got[row], reference_logits(reference, prompts[s][:-1], prompts[s][-1:]))
+    for s in order:
+        runner.free(s)
+
+
 def test_free_and_fork(runner, reference):
     tokens = ids(reference, PROMPTS[1])
     first = runner.run([Chunk(1, tokens, 0)]).copy()  # a view of llama.cpp's buffer until the next run

@@ -16,6 +16,7 @@ token for token the answer it gets alone. The price: a sequence can hold at most
 from __future__ import annotations
 
 import ctypes
+import heapq
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +169,7 @@ class LlamaCppRunner:
         # llama.cpp caps the batch at the context size; a bigger batch would abort the process
         self._batch = _Batch(int(llama_cpp.llama_n_batch(self.ctx)))
         self._slots: dict[int, int] = {}  # engine seq id -> llama.cpp seq id
-        self._free_slots = list(range(options.max_seqs - 1, -1, -1))
+        self._free_slots = list(range(options.max_seqs))  # a heap: the lowest free slot is taken first
         self._lengths: dict[int, int] = {}  # engine seq id -> tokens held in the KV cache
         self.sampler = NumpySampler()
 
@@ -182,6 +183,13 @@ class LlamaCppRunner:
         if not chunks:
             return np.empty((0, self.vocab_size), dtype=np.float32)
         slots = [self._slot_for(c) for c in chunks]
+        # llama.cpp computes a batch of several streams in one pass only for a run of consecutive slot ids
+        # in increasing order; any other order is split into one pass per run. Slots are handed out
+        # lowest first (so the busy ones stay a run), and the chunks are fed in slot order.
+        order = sorted(range(len(chunks)), key=slots.__getitem__)
+        in_order = all(i == j for i, j in enumerate(order))
+        if not in_order:
+            chunks, slots = [chunks[i] for i in order], [slots[i] for i in order]
         try:
             logits = self._decode_all(chunks, slots)
         except BaseException:
@@ -190,6 +198,8 @@ class LlamaCppRunner:
             raise
         for chunk in chunks:
             self._lengths[chunk.seq_id] = chunk.start + len(chunk.tokens)
+        if not in_order:  # rows back in the caller's order (a copy)
+            logits = logits[np.argsort(order)]
         return logits
 
     def free(self, seq_id: int) -> None:
@@ -198,10 +208,10 @@ class LlamaCppRunner:
         self._lengths.pop(seq_id, None)
         if slot is not None:
             self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
-            self._free_slots.append(slot)
+            heapq.heappush(self._free_slots, slot)
 
     def fork(self, src_seq_id: int, dst_seq_id: int) -> None:
-        """dst gets a copy of src's KV cells (llama.cpp shares the cells, it copies no data)."""
+        """dst gets a copy of src's KV cells (llama.cpp copies src's stream into dst's before the next decode)."""
         if src_seq_id not in self._slots:
             raise KeyError(f"fork from unknown sequence {src_seq_id}")
         self.free(dst_seq_id)
@@ -237,7 +247,7 @@ class LlamaCppRunner:
         if not self._free_slots:
             raise LlamaCppError(f"all {self.options.max_seqs} llama.cpp sequences are in use; "
                                 "raise --max-num-seqs or wait for requests to finish")
-        slot = self._free_slots.pop()
+        slot = heapq.heappop(self._free_slots)
         self._slots[seq_id] = slot
         self._lengths[seq_id] = 0
         return slot
