@@ -43,7 +43,9 @@ class LlamaOwn:
     def __init__(self, path: str) -> None:
         import llama_cpp
 
-        self.llm = llama_cpp.Llama(path, n_ctx=512, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+        # flash attention as our runner has it (llama_cpp.Llama's default is off)
+        self.llm = llama_cpp.Llama(path, n_ctx=512, n_threads=THREADS, n_threads_batch=THREADS, verbose=False,
+                                   flash_attn=True)
         self.ids = self.llm.tokenize(PROMPT.encode(), add_bos=False)
 
     def rate(self, n: int) -> float:

@@ -87,8 +87,9 @@ class LlamaReference:
 
         self._lib = llama_cpp
         # the same thread count as our runner's default: the kernels then split the work alike
+        # and flash attention as the runner computes attention
         self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=default_threads(), logits_all=False,
-                                   verbose=False)
+                                   flash_attn=True, verbose=False)
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
 
     def ids(self, prompt: str) -> list[int]:

@@ -26,7 +26,7 @@ def loaded():
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = llama_cpp.Llama(str(demo_gguf_path()), n_ctx=512, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(str(demo_gguf_path()), n_ctx=512, n_threads=2, verbose=False, flash_attn=True)
     yield llm
     llm.close()
 

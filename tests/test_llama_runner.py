@@ -17,7 +17,8 @@ PROMPTS = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_sta
 @pytest.fixture(scope="module")
 def reference():
     """llama_cpp.Llama on the same file: its own tokenizer and eval logits."""
-    llm = llama_cpp.Llama(str(demo_gguf_path()), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(str(demo_gguf_path()), n_ctx=512, n_threads=2, logits_all=True, verbose=False,
+                          flash_attn=True)  # as the runner computes attention
     yield llm
     llm.close()
 
