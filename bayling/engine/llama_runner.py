@@ -7,7 +7,7 @@ other and recycles freed slots.
 
 Each slot has a KV stream of its own (llama.cpp's kv_unified off), `seq_tokens` cells long. Two
 reasons, both measured on the demo model: with one stream shared by all sequences every token
-attends over every sequence's cells (masked), so 16 sequences decoded 1.4x slower; and where a
+attends over every sequence's cells (masked), so many sequences decoded markedly slower; and where a
 sequence's cells fall in a shared stream changes the order llama.cpp's vector kernels sum in, so a
 sequence's greedy answer depended on what ran beside it. With a stream each, a batched answer is
 token for token the answer it gets alone. The price: a sequence can hold at most seq_tokens tokens
