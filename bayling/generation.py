@@ -13,21 +13,28 @@ from .tokens import PromptTooLongError, check_prompt_fits, context_length, encod
 _ids = itertools.count(1)
 
 
+def default_engine(model: Any, tokenizer: Any, params: GenerationParams, context_len: Optional[int] = None) -> Any:
+    """The engine a one-user caller (chat, api.py) builds when given none: one slot per answer (on
+    llama.cpp each slot holds a KV stream, so spare ones cost memory)."""
+    from .engine.driver import build_engine
+
+    return build_engine(model, tokenizer, context_len=context_len, max_num_seqs=params.n)
+
+
 def generate_stream(model: Any, tokenizer: Any, prompt: Union[str, Sequence[int]], params: GenerationParams,
                     *, context_len: Optional[int] = None, engine: Any = None,
                     cancel: Optional[threading.Event] = None) -> Iterator[StreamChunk]:
     """Yield a StreamChunk whenever visible text grows, and a last one with finish_reason set.
 
-    Raises PromptTooLongError before any work if the prompt cannot fit. Closing the iterator
+    Raises PromptTooLongError (from the engine) before any work if the prompt cannot fit. Closing the iterator
     (Ctrl-C in chat) aborts the request; so does setting `cancel` (the last chunk then has
     finish_reason "abort"). Pass `engine` to reuse one across calls.
     """
-    from .engine.driver import build_engine, stream  # torch: imported when a model is already loaded
+    from .engine.driver import stream
 
     prompt_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
-    engine = engine or build_engine(model, tokenizer, context_len=context_len, max_num_seqs=params.n)
-    check_prompt_fits(len(ids), engine.context_len)
+    engine = engine or default_engine(model, tokenizer, params, context_len)
     text = ""  # with echo, the first delta carries the prompt
     request = Request(f"g{next(_ids)}", ids, params, OutputKind.DELTA, prompt_text)
     for out in stream(engine, request):

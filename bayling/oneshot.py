@@ -5,7 +5,7 @@ import sys
 from typing import Any, Callable, Optional
 
 from .context import fit_conversation
-from .generation import generate_stream
+from .generation import default_engine, generate_stream
 from .loading import LoadedModel
 from .output import StreamChunk
 from .params import GenerationParams
@@ -16,17 +16,13 @@ def answer(loaded: LoadedModel, template: Template, message: str, params: Genera
            system: Optional[str] = None, on_chunk: Optional[Callable[[StreamChunk], None]] = None,
            engine: Any = None) -> StreamChunk:
     """Answer one user message; on_chunk sees every streamed chunk. Returns the last chunk."""
-    from .engine.driver import build_engine
-
-    engine = engine or build_engine(loaded.model, loaded.tokenizer, context_len=loaded.context_len,
-                                    max_num_seqs=params.n)
+    engine = engine or default_engine(loaded.model, loaded.tokenizer, params, loaded.context_len)
     conv = Conversation(template, system)
     conv.add(USER, message)
     fitted = fit_conversation(conv, loaded.tokenizer, engine.context_len, params.max_new_tokens)
     params = params_for_template(params, template, loaded.tokenizer)
     last = None
-    for last in generate_stream(loaded.model, loaded.tokenizer, fitted.input_ids, params,
-                                context_len=engine.context_len, engine=engine):
+    for last in generate_stream(loaded.model, loaded.tokenizer, fitted.input_ids, params, engine=engine):
         if on_chunk is not None:
             on_chunk(last)
     assert last is not None

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..context import fit_conversation
-from ..generation import generate_stream
+from ..generation import default_engine, generate_stream
 from ..tokens import PromptTooLongError
 from ..loading import LoadedModel
 from ..output import StreamChunk
@@ -35,18 +35,14 @@ class ChatSession:
         """Stream an answer to the conversation so far and append it to the history."""
         tok = self.loaded.tokenizer
         if self.engine is None:
-            from ..engine.driver import build_engine
-
-            self.engine = build_engine(self.loaded.model, tok, context_len=self.loaded.context_len,
-                                       max_num_seqs=self.params.n)
+            self.engine = default_engine(self.loaded.model, tok, self.params, self.loaded.context_len)
         fitted = fit_conversation(self.conv, tok, self.engine.context_len, self.params.max_new_tokens)
         if fitted.notice:
             chatio.info(fitted.notice)
         if self.debug:
             chatio.info(f"[prompt]\n{fitted.prompt}")
         params = params_for_template(self.params, self.conv.template, tok)
-        stream = generate_stream(self.loaded.model, tok, fitted.input_ids, params,
-                                 context_len=self.engine.context_len, engine=self.engine)
+        stream = generate_stream(self.loaded.model, tok, fitted.input_ids, params, engine=self.engine)
         last, interrupted = None, False
         start = time.perf_counter()
         first_at = None
